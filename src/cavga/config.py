@@ -1,0 +1,92 @@
+"""Training configuration: one dataclass, and named presets (the paper's settings and ours)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cavga.errors import CavgaError
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run; saved in the run folder and in every checkpoint."""
+
+    model: str = "cavga-ru"
+    preset: str = "default"
+    image_size: int = 128
+    channels: int | None = None  # inferred from the data when None
+    batch_size: int = 16
+    steps: int | None = None  # total generator steps; `epochs` is converted to steps when given
+    epochs: int | None = None
+    seed: int = 0
+    lr: float = 2e-4
+    d_lr: float = 5e-5  # discriminator learning rate (its own Adam)
+    betas: tuple[float, float] = (0.5, 0.999)
+    # L_final = w_rec·L_R + w_kl·KL + w_adv·L_adv + w_ae·L_ae
+    w_rec: float = 1.0
+    w_kl: float = 0.01
+    w_adv: float = 0.01
+    w_ae: float = 0.01
+    reduction: str = "mean"  # "sum" (paper) or "mean" over elements for L_R and KL
+    real_label: float = 0.9  # one-sided label smoothing for Dis
+    adv_start: float = 0.25  # fraction of the steps before the adversarial game starts
+    latent_channels: int | None = None  # model default when None
+    weights: str | None = None  # ResNet-18 weights: None (random), "imagenet" or a state-dict path
+    anomaly_map: str = "latent-stats"  # which map `test` and `predict` report (see cavga.maps.MAPS)
+    stats_layers: tuple[str, ...] = (
+        "s8",
+        "s16",
+    )  # encoder stages (by stride) and/or "z" for latent-stats
+    position_shrink: float = 0.5  # 0: per-position means, 1: one mean for all positions
+    blur: float = 1 / 32  # Gaussian smoothing of the maps, σ as a fraction of the image size
+    calib_fraction: float = 0.1  # normal training images held out to calibrate thresholds
+    false_alarm_rate: float = 0.01  # target on held-out normal images for the calibrated thresholds
+    checkpoint_every: int = 100
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON and checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CavgaError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        for key in ("betas", "stats_layers"):
+            if key in d and d[key] is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+# The paper's settings (ECCV 2020, §3.1): summed BCE + KL, weights 1 / 1 / 0.01, the adversarial game
+# from the first step with one learning rate, and the map 1 − A. Kept for reproduction.
+PAPER = {
+    "preset": "paper",
+    "w_rec": 1.0,
+    "w_kl": 1.0,
+    "w_adv": 1.0,
+    "w_ae": 0.01,
+    "reduction": "sum",
+    "real_label": 1.0,
+    "adv_start": 0.0,
+    "d_lr": 2e-4,
+    "anomaly_map": "paper",
+}
+
+# Our defaults are the dataclass defaults; see docs/method.md for the measurements behind them.
+PRESETS: dict[str, dict[str, Any]] = {"default": {"preset": "default"}, "paper": PAPER}
+
+
+def make_config(preset: str = "default", **overrides: Any) -> TrainConfig:
+    """A config from a named preset, with explicit overrides (None values are ignored)."""
+    if preset not in PRESETS:
+        raise CavgaError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,33 @@
+"""Datasets in the MVTec AD folder layout and the built-in demo data."""
+
+from cavga.data.demo import DEFECT_TYPES, DEMO_CATEGORIES, make_demo_data
+from cavga.data.folder import (
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    Sample,
+    category_dir,
+    has_masks,
+    infer_channels,
+    list_categories,
+    list_split,
+    load_image,
+    load_mask,
+    validate_images,
+)
+
+__all__ = [
+    "DEFECT_TYPES",
+    "DEMO_CATEGORIES",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "Sample",
+    "category_dir",
+    "has_masks",
+    "infer_channels",
+    "list_categories",
+    "list_split",
+    "load_image",
+    "load_mask",
+    "make_demo_data",
+    "validate_images",
+]

@@ -1,0 +1,161 @@
+"""`cavga test`: anomaly maps, image scores and metrics of a trained run on a test split."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cavga.data import category_dir, has_masks, infer_channels, list_split, load_image, load_mask
+from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_json
+from cavga.errors import DataError, RunError
+from cavga.maps import MAPS, MapMaker
+from cavga.metrics import summarize
+from cavga.visualize import save_panel
+
+METRIC_KEYS = ("pixel_iou", "pixel_auroc", "aupro", "image_auroc", "detection_accuracy")
+
+
+def check_channels(data_channels: int, model_channels: int, where: str) -> None:
+    """A colour image cannot go into a grey model (its colour would be thrown away silently)."""
+    if data_channels == 3 and model_channels == 1:
+        raise DataError(f"{where}: colour images, but the run was trained on greyscale images")
+
+
+def run_maps(maker: MapMaker, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """Every map, score, reconstruction and attention for a stack of images, as NumPy arrays."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(images), batch_size):
+        for k, v in maker(images[i : i + batch_size]).items():
+            parts.setdefault(k, []).append(v.detach().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    category: str | None = None,
+    panels: bool = True,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate a run on `<category>/test` (data and category default to the training ones).
+
+    Writes `metrics.json` and, with `panels`, one PNG panel per test image to `<run>/panels`.
+    Top-level metrics are those of the run's `anomaly_map`; `maps` holds every map's metrics and
+    `references` the image-independent map (the mean training map on every image) and the
+    residual alone, so a fixed pattern is never mistaken for localisation.
+    """
+    run = Path(run_dir)
+    ckpt = load_checkpoint(run)
+    if ckpt.get("calibration") is None:
+        raise RunError(
+            f"{run} has not finished training (no calibration); continue it with `cavga train --resume`"
+        )
+    dev = resolve_device(device)
+    model, cfg = load_model(ckpt, dev)
+    root = data_dir or ckpt["data"]["root"]
+    category = category if category is not None else ckpt["data"]["category"]
+    samples = list_split(category_dir(root, category), "test")
+    check_channels(infer_channels(samples), cfg.channels, str(samples[0].path.parent.parent))
+    t0 = time.perf_counter()
+    images = torch.stack([load_image(s.path, cfg.image_size, cfg.channels) for s in samples])
+    with_masks = has_masks(samples)
+    masks = None
+    if with_masks:
+        masks = np.stack(
+            [
+                load_mask(s.mask_path, s.path, cfg.image_size)[0].numpy()
+                if s.mask_path
+                else np.zeros(images.shape[-2:], np.float32)
+                for s in samples
+            ]
+        )
+    maker = MapMaker(model, cfg, ckpt["calibration"], dev)
+    out = run_maps(maker, images, cfg.batch_size)
+    seconds = time.perf_counter() - t0
+    labels = np.array([s.label for s in samples])
+    types = [s.defect_type for s in samples]
+
+    def metrics_of(maps: np.ndarray, scores: np.ndarray) -> dict:
+        return summarize(maps, masks, scores, labels, types, map_threshold=0.5)
+
+    per_map = {name: metrics_of(out[name], out[f"score/{name}"]) for name in MAPS}
+    chosen = cfg.anomaly_map
+    mean_map = ckpt["calibration"]["mean_maps"][chosen].numpy()
+    constant = np.broadcast_to(mean_map, out[chosen].shape)
+    references = {
+        # A fixed map cannot rank images: its scores are constant, so image AUROC comes out at 0.5.
+        "image-independent": metrics_of(constant, np.zeros(len(samples))),
+        "residual": per_map["residual"],
+    }
+    threshold = ckpt["calibration"]["image_thresholds"][chosen]
+    calibrated = summarize(None, None, out[f"score/{chosen}"], labels, types, image_threshold=threshold)
+    result: dict[str, Any] = {
+        **{k: per_map[chosen]["overall"][k] for k in METRIC_KEYS},
+        "anomaly_map": chosen,
+        "model": cfg.model,
+        "preset": cfg.preset,
+        "image_size": cfg.image_size,
+        "data": str(Path(root).resolve()),
+        "category": category,
+        "n_images": len(samples),
+        "has_masks": with_masks,
+        "image_threshold": threshold,
+        "detection_accuracy_calibrated": calibrated["overall"]["detection_accuracy"],
+        "per_type": per_map[chosen]["per_type"],
+        "maps": per_map,
+        "references": references,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(samples) / seconds, 2),
+    }
+    write_json(run / "metrics.json", result)
+    if panels:
+        write_panels(run / "panels", samples, images, out, chosen, masks)
+    return result
+
+
+def write_panels(
+    folder: Path, samples, images: torch.Tensor, out: dict[str, np.ndarray], chosen: str, masks
+) -> None:
+    """One PNG per image: input, reconstruction, attention, map overlay, predicted and true contours."""
+    for i, s in enumerate(samples):
+        img = (
+            images[i].permute(1, 2, 0).numpy().squeeze(-1)
+            if images.shape[1] == 1
+            else images[i].permute(1, 2, 0).numpy()
+        )
+        rec = out["recon"][i].transpose(1, 2, 0)
+        save_panel(
+            folder / f"{s.defect_type}_{s.path.stem}.png",
+            img,
+            rec.squeeze(-1) if rec.shape[-1] == 1 else rec,
+            out["attention"][i],
+            out[chosen][i],
+            out[chosen][i] >= 0.5,
+            masks[i] if masks is not None and s.label else None,
+            title=f"{s.defect_type}/{s.path.name}  score {out[f'score/{chosen}'][i]:.4f}",
+        )
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text tables: every map (and the two references), then the chosen map per defect type."""
+    cols = ("pixel_auroc", "aupro", "pixel_iou", "image_auroc", "detection_accuracy")
+
+    def fmt(v) -> str:
+        return "   n/a" if v is None else f"{v:6.3f}"
+
+    lines = [f"{'map':<28}" + "".join(f"{c:>20}" for c in cols)]
+    rows = [
+        (n + (" *" if n == result["anomaly_map"] else ""), m["overall"]) for n, m in result["maps"].items()
+    ]
+    rows.append(("ref: image-independent", result["references"]["image-independent"]["overall"]))
+    for name, m in rows:
+        lines.append(f"{name:<28}" + "".join(f"{fmt(m[c]):>20}" for c in cols))
+    lines.append("")
+    lines.append(f"{'defect type (' + result['anomaly_map'] + ')':<28}" + "".join(f"{c:>20}" for c in cols))
+    for t, m in result["per_type"].items():
+        lines.append(f"{t:<28}" + "".join(f"{fmt(m[c]):>20}" for c in cols))
+    return "\n".join(lines)

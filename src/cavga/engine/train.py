@@ -1,0 +1,231 @@
+"""The unsupervised CAVGA training loop: VAE + a real adversarial game + attention expansion."""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cavga.attention import attention_expansion_loss, latent_attention
+from cavga.config import TrainConfig
+from cavga.data import category_dir, infer_channels, list_split, load_image
+from cavga.engine.run import (
+    CHECKPOINT,
+    build_model,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    write_json,
+)
+from cavga.errors import DataError, RunError
+from cavga.losses import (
+    discriminator_loss,
+    generator_adversarial_loss,
+    kl_divergence,
+    reconstruction_loss,
+)
+from cavga.maps import calibrate
+
+
+@dataclass
+class TrainData:
+    """Normal training images in memory, split into a training part and a calibration hold-out."""
+
+    train: torch.Tensor  # (N, C, H, W) in [0, 1]
+    calib: torch.Tensor  # (M, C, H, W), never trained on; thresholds come from these
+    train_files: list[str]
+    calib_files: list[str]
+    channels: int
+
+
+def load_train_data(data_dir: str | Path, category: str | None, cfg: TrainConfig) -> TrainData:
+    """Read `train/good` of a category, resize, and hold out `calib_fraction` of it (seeded)."""
+    samples = list_split(category_dir(data_dir, category), "train")
+    if len(samples) < 2:
+        raise DataError(
+            f"{samples[0].path.parent}: at least 2 training images are needed, found {len(samples)}"
+        )
+    channels = cfg.channels or infer_channels(samples)
+    images = torch.stack([load_image(s.path, cfg.image_size, channels) for s in samples])
+    n_cal = round(cfg.calib_fraction * len(samples)) if len(samples) >= 10 else 0
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    cal_idx, train_idx = sorted(perm[:n_cal]), sorted(perm[n_cal:])
+    if not cal_idx:  # too few images to spare any: calibrate on the training images themselves
+        cal_idx = train_idx
+    names = [str(s.path) for s in samples]
+    return TrainData(
+        images[train_idx],
+        images[cal_idx],
+        [names[i] for i in train_idx],
+        [names[i] for i in cal_idx],
+        channels,
+    )
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch for `step`: a fresh seeded permutation per epoch, so a resumed run
+    sees exactly the batches an uninterrupted one would. Incomplete last batches are dropped
+    (BatchNorm cannot train on one image)."""
+    bs = min(batch_size, n)
+    per_epoch = n // bs
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[i * bs : (i + 1) * bs]
+
+
+def total_steps(cfg: TrainConfig, n: int) -> int:
+    """`steps`, or `epochs` × batches per epoch; one of them must be set."""
+    if cfg.steps:
+        return cfg.steps
+    if cfg.epochs:
+        return cfg.epochs * max(1, n // min(cfg.batch_size, n))
+    raise RunError("give the training length with --steps or --epochs")
+
+
+def train(
+    cfg: TrainConfig | None,
+    data_dir: str | Path | None,
+    out_dir: str | Path,
+    category: str | None = None,
+    resume: bool = False,
+    steps: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) a run in `out_dir` and calibrate it; returns the run folder.
+
+    On resume the config and data come from the checkpoint; `steps` may extend the run.
+    """
+    run = Path(out_dir)
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(run)
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        data_dir, category = data_dir or ckpt["data"]["root"], ckpt["data"]["category"]
+        if steps:
+            cfg.steps = steps
+    elif (run / CHECKPOINT).exists():
+        raise RunError(f"{run} already holds a run; use --resume to continue it or choose another --out")
+    assert cfg is not None and data_dir is not None
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = load_train_data(data_dir, category, cfg)
+    if ckpt is not None and data.channels != ckpt["config"]["channels"]:
+        raise RunError(
+            f"{data_dir} has {data.channels}-channel images, the run was trained on {cfg.channels}"
+        )
+    cfg.channels = data.channels
+    model = build_model(cfg, cfg.weights if ckpt is None else None).to(device)
+    opt_g = torch.optim.Adam(model.generator_parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.d_lr, betas=cfg.betas)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"])
+    total = total_steps(cfg, len(data.train))
+    adv_from = int(cfg.adv_start * total)
+    run.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "root": str(Path(data_dir).resolve()),
+        "category": category,
+        "train_files": data.train_files,
+        "calib_files": data.calib_files,
+    }
+    write_json(run / "config.json", {"config": cfg.to_dict(), "data": meta, "setting": "unsupervised"})
+
+    def state(calibration: dict | None = None) -> dict:
+        return {
+            "model": model.state_dict(),
+            "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "config": cfg.to_dict(),
+            "step": step,
+            "rng": torch.get_rng_state(),
+            "model_name": cfg.model,
+            "setting": "unsupervised",
+            "data": meta,
+            "calibration": calibration,
+        }
+
+    log_path = run / "log.csv"
+    new_log = not log_path.exists() or step == 0
+    with log_path.open("w" if new_log else "a", newline="") as log_file:
+        log = csv.writer(log_file)
+        if new_log:
+            log.writerow(["step", "loss", "rec", "kl", "adv_g", "adv_d", "ae", "seconds"])
+        bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {cfg.model}", unit="step")
+        t0 = time.perf_counter()
+        model.train()
+        try:
+            while step < total:
+                x = data.train[batch_indices(len(data.train), cfg.batch_size, step, cfg.seed)].to(device)
+                losses = train_step(
+                    model, x, cfg, opt_g, opt_d, adversarial=step >= adv_from and cfg.w_adv > 0
+                )
+                step += 1
+                log.writerow(
+                    [
+                        step,
+                        *(f"{losses[k]:.6g}" for k in ("loss", "rec", "kl", "adv_g", "adv_d", "ae")),
+                        f"{time.perf_counter() - t0:.2f}",
+                    ]
+                )
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss"})
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    save_checkpoint(run / CHECKPOINT, state())
+        except KeyboardInterrupt:
+            save_checkpoint(run / CHECKPOINT, state())
+            bar.close()
+            raise RunError(
+                f"interrupted at step {step}/{total}; saved {run / CHECKPOINT}, continue with --resume"
+            ) from None
+        bar.close()
+    calibration = calibrate(model, cfg, data.train, data.calib, device)
+    save_checkpoint(run / CHECKPOINT, state(calibration))
+    return run
+
+
+def train_step(
+    model,
+    x: torch.Tensor,
+    cfg: TrainConfig,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    adversarial: bool,
+) -> dict[str, float]:
+    """One discriminator step (when the game is on), then one encoder/decoder step."""
+    out = model(x)  # z sampled
+    adv_d = adv_g = torch.zeros((), device=x.device)
+    if adversarial:
+        # Dis sees x̂ detached: its step must not move the encoder or decoder.
+        adv_d = discriminator_loss(
+            model.discriminator(x), model.discriminator(out.recon.detach()), cfg.real_label
+        )
+        opt_d.zero_grad(set_to_none=True)
+        adv_d.backward()
+        opt_d.step()
+        adv_g = generator_adversarial_loss(model.discriminator(out.recon))
+    rec = reconstruction_loss(out.logits, x, cfg.reduction)
+    kl = kl_divergence(out.mu, out.logvar, cfg.reduction)
+    ae = attention_expansion_loss(latent_attention(out)) if cfg.w_ae > 0 else torch.zeros((), device=x.device)
+    loss = cfg.w_rec * rec + cfg.w_kl * kl + cfg.w_adv * adv_g + cfg.w_ae * ae
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    # The generator's backward also left gradients in Dis; its own step clears them first.
+    return {
+        "loss": loss.item(),
+        "rec": rec.item(),
+        "kl": kl.item(),
+        "adv_g": adv_g.item(),
+        "adv_d": adv_d.item(),
+        "ae": ae.item(),
+    }
