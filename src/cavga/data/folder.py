@@ -265,7 +265,8 @@ def has_masks(samples: Sequence[Sample]) -> bool:
 # --------------------------------------------------------------------------- images
 
 
-def _open(path: Path, what: str = "an image") -> Image.Image:
+def open_image(path: Path, what: str = "an image") -> Image.Image:
+    """Open and decode an image file; DataError naming the file when that fails."""
     """Open and fully decode a file, turning every PIL failure into a DataError."""
     try:
         with Image.open(path) as im:
@@ -288,7 +289,8 @@ def _resize_float(arr: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
 
 
-def _to_tensor(im: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+def image_to_tensor(im: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    """(channels, size, size) float32 tensor in [0, 1] from a decoded PIL image."""
     if im.mode in _HIGH_DEPTH_MODES:
         # convert("L") would clip 16-bit values instead of scaling them, so scale by hand.
         arr = np.asarray(im, dtype=np.float32)
@@ -321,7 +323,7 @@ def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     path = Path(path)
     # EXIF orientation is deliberately ignored: masks are drawn in stored pixel order, and
     # rotating only the image would misalign the two.
-    return _to_tensor(_open(path), image_size, channels)
+    return image_to_tensor(open_image(path), image_size, channels)
 
 
 def _header_size(path: Path) -> tuple[int, int]:
@@ -364,7 +366,7 @@ def load_mask(mask_path: Path, image_path: Path, image_size: int) -> torch.Tenso
         DataError: If the mask cannot be decoded or its size differs from the image's.
     """
     mask_path, image_path = Path(mask_path), Path(image_path)
-    im = _open(mask_path, "a mask image")
+    im = open_image(mask_path, "a mask image")
     img_size = _header_size(image_path)
     if im.size != img_size:
         raise DataError(
@@ -377,7 +379,8 @@ def load_mask(mask_path: Path, image_path: Path, image_size: int) -> torch.Tenso
     return torch.from_numpy(arr)[None]
 
 
-def _is_grey(im: Image.Image) -> bool:
+def is_grey(im: Image.Image) -> bool:
+    """True for grey modes, and for RGB images whose three channels are identical."""
     if im.mode in _GREY_MODES:
         return True
     if im.mode == "P":
@@ -403,7 +406,7 @@ def infer_channels(samples: Sequence[Sample]) -> int:
     if not samples:
         raise DataError("cannot infer the number of channels: no images")
     for s in samples[:_INFER_CHANNELS_MAX]:
-        if not _is_grey(_open(s.path)):
+        if not is_grey(open_image(s.path)):
             return 3
     return 1
 
@@ -417,9 +420,9 @@ def validate_images(samples: Sequence[Sample]) -> None:
         DataError: Naming the first file that is missing, undecodable or mis-sized.
     """
     for s in samples:
-        im = _open(s.path)
+        im = open_image(s.path)
         if s.mask_path is not None:
-            mask = _open(s.mask_path, "a mask image")
+            mask = open_image(s.mask_path, "a mask image")
             if mask.size != im.size:
                 raise DataError(
                     f"mask {s.mask_path} is {mask.size[0]}x{mask.size[1]} but image {s.path} "

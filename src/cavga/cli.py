@@ -1,0 +1,269 @@
+"""The `cavga` command line: demo, make-demo-data, train, test, predict, models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cavga import __version__
+from cavga.errors import CavgaError
+
+DEMO_STEPS = 40
+DEMO_SIZE = 128
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from cavga.data import make_demo_data
+
+    root = make_demo_data(args.out, seed=args.seed, image_size=args.image_size)
+    print(
+        f"demo data written to {root} (categories: {', '.join(sorted(p.name for p in root.iterdir() if p.is_dir()))})"
+    )
+    return 0
+
+
+def _train_args(args: argparse.Namespace) -> dict:
+    return {
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "lr": args.lr,
+        "weights": args.weights,
+        "anomaly_map": args.anomaly_map,
+        "device": args.device,
+        "checkpoint_every": args.checkpoint_every,
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cavga.config import make_config
+    from cavga.engine.train import train
+
+    if args.resume:
+        run = train(
+            None,
+            args.data,
+            args.out or _default_out(args),
+            resume=True,
+            steps=args.steps,
+            progress=not args.quiet,
+        )
+    else:
+        if not args.data:
+            raise CavgaError("--data is required (a folder in MVTec AD layout)")
+        if not args.steps and not args.epochs:
+            args.epochs = 50
+        cfg = make_config(args.preset, **_train_args(args))
+        run = train(
+            cfg, args.data, args.out or _default_out(args), category=args.category, progress=not args.quiet
+        )
+    print(f"run saved to {run}; evaluate with: cavga test {run}")
+    return 0
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    return str(Path("runs") / f"{args.model}-{args.category or 'data'}")
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from cavga.engine.evaluate import evaluate, format_table
+
+    result = evaluate(args.run, args.data, args.category, panels=not args.no_panels, device=args.device)
+    print(format_table(result))
+    print(
+        f"\nmetrics written to {Path(args.run) / 'metrics.json'}"
+        + ("" if args.no_panels else f"; panels in {Path(args.run) / 'panels'}")
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cavga.api import Predictor
+    from cavga.engine.predict import predict_files
+
+    predictor = Predictor(args.run, args.device, args.anomaly_map)
+    out = args.out or str(Path(args.run) / "predictions")
+    csv_path, failed = predict_files(predictor, args.inputs, out)
+    print(
+        f"predictions written to {csv_path}" + (f" ({failed} image(s) could not be read)" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cavga.maps import MAPS
+    from cavga.networks import MODELS
+
+    for spec in MODELS.values():
+        print(f"{spec.name:<12} {spec.description}")
+    print("\nanomaly maps (--anomaly-map):")
+    for name, desc in MAPS.items():
+        print(f"{name:<14} {desc}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cavga.config import make_config
+    from cavga.data import make_demo_data
+    from cavga.engine.evaluate import evaluate, format_table
+    from cavga.engine.run import write_json
+    from cavga.engine.train import train
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    root = make_demo_data(out / "data", seed=args.seed, image_size=args.image_size)
+    categories = sorted(p.name for p in root.iterdir() if p.is_dir())
+    print(f"demo data: {root} ({', '.join(categories)})")
+    summary = {}
+    for cat in categories:
+        run = out / "runs" / cat
+        if (run / "checkpoint.pt").exists():
+            raise CavgaError(f"{run} already holds a run; remove {out} or choose another --out")
+        cfg = make_config(
+            model="cavga-ru", image_size=args.image_size, steps=args.steps, seed=args.seed, device=args.device
+        )
+        train(cfg, root, run, category=cat, progress=not args.quiet)
+        result = evaluate(run, panels=True, device=args.device)
+        print(f"\n== {cat} ==\n{format_table(result)}\n")
+        summary[cat] = {
+            k: result[k] for k in ("pixel_auroc", "aupro", "pixel_iou", "image_auroc", "detection_accuracy")
+        }
+        summary[cat]["residual_pixel_auroc"] = result["maps"]["residual"]["overall"]["pixel_auroc"]
+        summary[cat]["paper_attention_pixel_auroc"] = result["maps"]["paper"]["overall"]["pixel_auroc"]
+    seconds = time.perf_counter() - t0
+    write_json(
+        out / "summary.json",
+        {"categories": summary, "seconds": round(seconds, 1), "anomaly_map": cfg.anomaly_map},
+    )
+    print(
+        f"{'category':<10}{'pixel AUROC':>13}{'AUPRO':>8}{'IoU':>8}{'image AUROC':>13}{'residual':>10}{'paper A':>9}"
+    )
+    for cat, m in summary.items():
+        print(
+            f"{cat:<10}{_fmt(m['pixel_auroc']):>13}{_fmt(m['aupro']):>8}{_fmt(m['pixel_iou']):>8}"
+            f"{_fmt(m['image_auroc']):>13}{_fmt(m['residual_pixel_auroc']):>10}{_fmt(m['paper_attention_pixel_auroc']):>9}"
+        )
+    print(
+        f"\ndone in {seconds:.0f} s. Results: {out / 'summary.json'}; per category: {out / 'runs'}/<category>/"
+        f"(metrics.json, panels/). Predict on new images with: cavga predict {out / 'runs' / categories[0]} IMAGE..."
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command (examples in each --help)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="cavga", description="Attention-guided anomaly localisation (CAVGA, ECCV 2020)."
+    )
+    p.add_argument("--version", action="version", version=f"cavga {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser(
+        "demo",
+        formatter_class=raw,
+        help="make demo data, train CAVGA-Ru on it, evaluate",
+        epilog="example:\n  cavga demo --out cavga-demo",
+    )
+    d.add_argument("--out", default="cavga-demo", help="folder for the data and runs (default: cavga-demo)")
+    d.add_argument(
+        "--steps", type=int, default=DEMO_STEPS, help=f"training steps per category (default {DEMO_STEPS})"
+    )
+    d.add_argument("--image-size", type=int, default=DEMO_SIZE, help=f"image size (default {DEMO_SIZE})")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser(
+        "make-demo-data",
+        formatter_class=raw,
+        help="write the built-in demo dataset (MVTec AD layout)",
+        epilog="example:\n  cavga make-demo-data demo-data --seed 1",
+    )
+    m.add_argument("out", help="output folder")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--image-size", type=int, default=DEMO_SIZE)
+    m.set_defaults(func=cmd_make_demo_data)
+
+    t = sub.add_parser(
+        "train",
+        formatter_class=raw,
+        help="train a model on the normal images of a dataset",
+        epilog="examples:\n  cavga train --data demo-data --category brick --model cavga-ru --steps 200\n"
+        "  cavga train --data mvtec --category bottle --model cavga-du --image-size 256 --epochs 50\n"
+        "  cavga train --out runs/cavga-ru-brick --resume",
+    )
+    t.add_argument("--data", help="dataset root in MVTec AD layout")
+    t.add_argument("--category", help="category folder inside --data (needed when it holds several)")
+    t.add_argument("--model", default="cavga-ru", help="cavga-ru or cavga-du (see `cavga models`)")
+    t.add_argument("--preset", default="default", help="default (measured on this project's data) or paper")
+    t.add_argument("--image-size", type=int, default=None, help="square input size (default 128)")
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="training length in epochs (default 50)")
+    length.add_argument("--steps", type=int, help="training length in steps (with --resume: new total)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--weights", help="ResNet-18 encoder weights: imagenet (downloads) or a state-dict file")
+    t.add_argument("--anomaly-map", default=None, help="map used by test/predict (see `cavga models`)")
+    t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
+    t.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
+    t.add_argument("--out", help="run folder (default runs/<model>-<category>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "test",
+        formatter_class=raw,
+        help="evaluate a run on a test split, write metrics.json",
+        epilog="examples:\n  cavga test runs/cavga-ru-brick\n  cavga test runs/cavga-ru-brick --data other-root --no-panels",
+    )
+    e.add_argument("run", help="run folder")
+    e.add_argument("--data", help="dataset root (default: the one the run was trained on)")
+    e.add_argument("--category", help="category (default: the run's)")
+    e.add_argument("--no-panels", action="store_true", help="skip the per-image PNG panels")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_test)
+
+    r = sub.add_parser(
+        "predict",
+        formatter_class=raw,
+        help="score new images; write maps, masks, overlays, a CSV",
+        epilog="examples:\n  cavga predict runs/cavga-ru-brick part1.png part2.png --out preds\n"
+        "  cavga predict runs/cavga-ru-brick incoming/ --out preds",
+    )
+    r.add_argument("run", help="run folder")
+    r.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    r.add_argument("--out", help="output folder (default <run>/predictions)")
+    r.add_argument("--anomaly-map", default=None, help="override the run's map (see `cavga models`)")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_predict)
+
+    ls = sub.add_parser("models", help="list the models and anomaly maps")
+    ls.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cavga` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CavgaError as e:
+        print(f"cavga: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`cavga predict`: score images and write their maps, masks, overlays and one CSV."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cavga.api import Predictor
+from cavga.data import IMAGE_EXTENSIONS, open_image
+from cavga.errors import DataError
+from cavga.visualize import PRED_COLOR, draw_contour, overlay, save_map_png, save_mask_png
+
+CSV_FIELDS = (
+    "file",
+    "score",
+    "threshold",
+    "anomalous",
+    "anomalous_fraction",
+    "map",
+    "mask",
+    "overlay",
+    "error",
+)
+
+
+def collect_inputs(inputs: list[str | Path]) -> list[tuple[Path, str]]:
+    """(image path, output stem) for files and every image under folders (recursively, sorted).
+
+    Stems keep the sub-folder path (`hole_000`) so images with the same name never overwrite
+    each other's outputs.
+    """
+    found: list[tuple[Path, str]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(
+                p
+                for p in item.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
+            if not files:
+                raise DataError(f"{item}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            found += [(p, "_".join(p.relative_to(item).with_suffix("").parts)) for p in files]
+        elif item.is_file():
+            found.append((item, item.stem))
+        else:
+            raise DataError(f"not found: {item}")
+    stems = [s for _, s in found]
+    return [(p, s if stems.count(s) == 1 else f"{s}_{i}") for i, (p, s) in enumerate(found)]
+
+
+def predict_files(predictor: Predictor, inputs: list[str | Path], out_dir: str | Path) -> tuple[Path, int]:
+    """Predict every input; returns the CSV path and the number of images that failed.
+
+    An image that cannot be read gets a row with its error and the others go on, so one bad
+    file never loses the work done on the rest.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    csv_path = out / "predictions.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for path, stem in collect_inputs(inputs):
+            try:
+                p = predictor.predict(path)
+            except DataError as e:
+                failed += 1
+                print(f"cavga: skipped {path}: {e}", file=sys.stderr)
+                writer.writerow({"file": str(path), "error": str(e)})
+                continue
+            names = {k: f"{stem}_{k}.png" for k in ("map", "mask", "overlay")}
+            save_map_png(out / names["map"], p.anomaly_map)
+            save_mask_png(out / names["mask"], p.mask)
+            # The overlay is drawn on the image at its own size, as the user knows it.
+            original = (
+                np.asarray(open_image(path).convert("L" if predictor.cfg.channels == 1 else "RGB")) / 255.0
+            )
+            Image.fromarray(draw_contour(overlay(original, p.anomaly_map), p.mask, PRED_COLOR)).save(
+                out / names["overlay"]
+            )
+            writer.writerow(
+                {
+                    "file": str(path),
+                    "score": f"{p.score:.6g}",
+                    "threshold": f"{p.threshold:.6g}",
+                    "anomalous": int(p.is_anomalous),
+                    "anomalous_fraction": f"{p.mask.mean():.6g}",
+                    **names,
+                    "error": "",
+                }
+            )
+    return csv_path, failed
