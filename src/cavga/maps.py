@@ -55,7 +55,11 @@ def _upsample(m: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _layer(out: ModelOutput, name: str) -> torch.Tensor:
-    return out.mu if name == "z" else out.features[int(name.removeprefix("s"))]
+    if name == "z":
+        return out.mu
+    # Small inputs to CAVGA-D have fewer stages: fall back to the nearest stride it has.
+    stride = int(name.removeprefix("s"))
+    return out.features[min(out.features, key=lambda s: (abs(s - stride), s))]
 
 
 @torch.no_grad()

@@ -1,0 +1,112 @@
+"""Grad-CAM on the latent and the attention expansion loss, checked against hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cavga.attention import attention_expansion_loss, grad_cam, inference_attention, latent_attention
+from cavga.networks import create_model
+
+
+def _features(values: list) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).requires_grad_(True)
+
+
+def test_grad_cam_matches_hand_computation():
+    """s = 3ΣF₀ − ΣF₁ + ΣF₀² gives α₀ = 3 + 2·mean F₀ = 4, α₁ = −1, so A = ReLU(4F₀ − F₁)/7."""
+    F = _features([[[[1.0, 2.0], [0.0, -1.0]], [[1.0, 1.0], [4.0, 0.0]]]])
+    s = 3 * F[:, 0].sum(dim=(1, 2)) - F[:, 1].sum(dim=(1, 2)) + F[:, 0].pow(2).sum(dim=(1, 2))
+    cam = grad_cam(s, F)
+    expected = torch.tensor([[[3 / 7, 1.0], [0.0, 0.0]]], dtype=torch.float64)
+    assert cam.shape == (1, 2, 2)
+    torch.testing.assert_close(cam, expected, atol=1e-6, rtol=0)
+
+
+def test_grad_cam_all_negative_gives_zero_map():
+    """When every Σ_k α_k F_k is negative the ReLU leaves nothing: the map is all zeros, not NaN."""
+    F = _features([[[[1.0, 2.0], [3.0, 4.0]]]])
+    cam = grad_cam(-F.sum(dim=(1, 2, 3)), F)
+    assert torch.equal(cam, torch.zeros(1, 2, 2, dtype=torch.float64))
+
+
+def test_grad_cam_shape_range_and_per_image_normalisation():
+    """Each image is scaled by its own maximum and does not depend on the other images in the batch."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 3, 4, 5, dtype=torch.float64)
+    F = torch.cat([base, 100 * base.roll(1, dims=3)]).requires_grad_(True)
+    w = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64).view(1, 3, 1, 1)
+
+    def score(f: torch.Tensor) -> torch.Tensor:
+        return (w * f).sum(dim=(1, 2, 3)) + f.pow(2).sum(dim=(1, 2, 3)) * 0.1
+
+    cam = grad_cam(score(F), F)
+    assert cam.shape == (2, 4, 5)
+    assert cam.min() >= 0 and cam.max() <= 1
+    torch.testing.assert_close(cam.amax(dim=(1, 2)), torch.ones(2, dtype=torch.float64))
+    for b in range(2):
+        Fb = F[b : b + 1].detach().clone().requires_grad_(True)
+        torch.testing.assert_close(cam[b : b + 1], grad_cam(score(Fb), Fb), atol=1e-12, rtol=0)
+
+
+def _cam_loss(weight: torch.Tensor, x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+    F = torch.nn.functional.conv2d(x, weight)
+    s = (F.pow(2) * torch.arange(1.0, F.shape[1] + 1, dtype=F.dtype).view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    return attention_expansion_loss(grad_cam(s, F, create_graph=create_graph))
+
+
+def test_create_graph_gives_the_true_gradient_of_a_loss_on_the_attention():
+    """With create_graph=True a loss on A has the finite-difference gradient, including through α."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    weight = torch.randn(3, 2, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w: _cam_loss(w, x), (weight,), eps=1e-6, atol=1e-5)
+    (g,) = torch.autograd.grad(_cam_loss(weight, x), weight)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    (g_detached,) = torch.autograd.grad(_cam_loss(weight, x, create_graph=False), weight)
+    assert not torch.allclose(g, g_detached)
+
+
+def _first_conv(model) -> torch.Tensor:
+    return next(p for p in model.encoder.parameters() if p.dim() == 4)
+
+
+@pytest.mark.parametrize(("name", "size"), [("cavga-ru", 64), ("cavga-du", 32)])
+def test_attention_expansion_loss_trains_the_encoder_in_proportion_to_its_weight(name, size):
+    """∂(w_ae·L_ae)/∂(first encoder conv) is non-zero, finite, linear in w_ae and zero at w_ae = 0."""
+    torch.manual_seed(0)
+    model = create_model(name, size, 1, latent_channels=8)
+    x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for w_ae in (0.0, 0.01, 1.0):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(123)
+        out = model(x)
+        (w_ae * attention_expansion_loss(latent_attention(out))).backward()
+        grads[w_ae] = _first_conv(model).grad.clone()
+    assert torch.isfinite(grads[1.0]).all() and grads[1.0].abs().sum() > 0
+    scale = grads[1.0].abs().max().item()
+    torch.testing.assert_close(grads[1.0], 100 * grads[0.01], rtol=1e-4, atol=1e-4 * scale)
+    assert torch.count_nonzero(grads[0.0]) == 0
+
+
+@pytest.mark.parametrize(("name", "size"), [("cavga-ru", 64), ("cavga-du", 32)])
+def test_inference_attention_equals_latent_attention_at_the_mean(name, size):
+    """At inference the attention is latent_attention with z = μ, computed from F alone."""
+    torch.manual_seed(0)
+    model = create_model(name, size, 1, latent_channels=8).eval()
+    x = torch.rand(3, 1, size, size)
+    out = model(x, sample=False)
+    expected = latent_attention(out, create_graph=False)
+    got = inference_attention(model, out.F)
+    assert got.shape == out.F.shape[:1] + out.F.shape[2:]
+    assert not got.requires_grad
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_expansion_loss_is_mean_of_one_minus_attention():
+    """L_ae = mean(1 − A): 0 for all-ones, 1 for all-zeros, and the exact mean otherwise."""
+    assert attention_expansion_loss(torch.ones(2, 3, 3)).item() == 0.0
+    assert attention_expansion_loss(torch.zeros(2, 3, 3)).item() == 1.0
+    A = torch.tensor([[[0.0, 0.5], [1.0, 0.25]], [[1.0, 1.0], [1.0, 1.0]]])
+    assert attention_expansion_loss(A).item() == pytest.approx((1.0 + 0.5 + 0.0 + 0.75) / 8)

@@ -1,0 +1,162 @@
+"""End to end through the command line on tiny demo data: train, test, predict, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cavga.cli import main
+from cavga.data import make_demo_data
+from cavga.engine.run import load_checkpoint
+from cavga.engine import train as train_mod
+from cavga.engine.train import batch_indices
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_demo_data(
+        tmp_path_factory.mktemp("demo"),
+        seed=0,
+        image_size=SIZE,
+        n_train=12,
+        n_test_good=4,
+        n_test_defect=2,
+        categories=("brick",),
+    )
+
+
+def train_args(data: Path, out: Path, model: str, steps: int = 3, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--category",
+        "brick",
+        "--model",
+        model,
+        "--image-size",
+        str(SIZE),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("model", ["cavga-ru", "cavga-du"])
+def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> None:
+    """Each variant trains a few steps, evaluates with every metric, and predicts on files and folders."""
+    run = tmp_path / "run"
+    assert main(train_args(data, run, model)) == 0
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 3 and ckpt["model_name"] == model and ckpt["calibration"] is not None
+    assert {"model", "opt_g", "opt_d", "config", "step", "version"} <= set(ckpt)
+
+    assert main(["test", str(run), "--device", "cpu"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("pixel_iou", "pixel_auroc", "image_auroc", "detection_accuracy", "aupro"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert set(metrics["per_type"]) == {"scratch", "stain", "hole", "patch", "color"}
+    assert set(metrics["references"]) == {"image-independent", "residual"}
+    assert metrics["references"]["image-independent"]["overall"]["image_auroc"] == 0.5
+    n_test = 4 + 5 * 2
+    assert len(list((run / "panels").glob("*.png"))) == n_test
+    assert "pixel_auroc" in capsys.readouterr().out
+
+    out = tmp_path / "preds"
+    test_dir = data / "brick" / "test"
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(test_dir / "hole"),
+                str(test_dir / "good" / "000.png"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 3
+    for row in rows:
+        assert not row["error"]
+        for k in ("map", "mask", "overlay"):
+            assert (out / row[k]).is_file()
+        assert float(row["score"]) >= 0 and row["anomalous"] in ("0", "1")
+
+
+def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run stopped by Ctrl-C after 2 of 4 steps saves itself, and resuming it gives the same
+    weights as 4 steps in one go."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(train_args(data, full, "cavga-du", 4)) == 0
+
+    real_step, calls = train_mod.train_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupted)
+    assert main(train_args(data, part, "cavga-du", 4)) == 2
+    assert "interrupted at step 2/4" in capsys.readouterr().err
+    assert load_checkpoint(part)["step"] == 2
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert main(["train", "--out", str(part), "--resume", "--quiet"]) == 0
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert b["step"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert (part / "log.csv").read_text().count("\n") == 5  # header + 4 steps, no duplicates
+
+
+def test_same_seed_same_run(data: Path, tmp_path: Path) -> None:
+    """Two runs with one seed give identical weights; another seed gives different ones."""
+    runs = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert main([*train_args(data, tmp_path / name, "cavga-du", 2), "--seed", seed]) == 0
+        runs.append(load_checkpoint(tmp_path / name)["model"])
+    key = "encoder.body.0.weight"
+    assert torch.equal(runs[0][key], runs[1][key])
+    assert not torch.equal(runs[0][key], runs[2][key])
+
+
+def test_batches_cover_each_epoch_once() -> None:
+    """Batch order is a seeded permutation per epoch with the incomplete last batch dropped."""
+    epoch = torch.cat([batch_indices(10, 4, s, seed=0) for s in range(2)])
+    assert len(set(epoch.tolist())) == 8
+    assert torch.equal(batch_indices(10, 4, 5, seed=0), batch_indices(10, 4, 5, seed=0))
+
+
+def test_errors_are_one_line_messages(data: Path, tmp_path: Path, capsys) -> None:
+    """Bad input ends with a clear message and exit code 2, not a traceback."""
+    assert main(["test", str(tmp_path / "nope")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    assert main(train_args(tmp_path / "empty", tmp_path / "r", "cavga-du")) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(train_args(data, tmp_path / "r2", "cavga-du", 1, "--image-size", "48")) == 2
+    assert "power of two" in capsys.readouterr().err
+    run = tmp_path / "r3"
+    assert main(train_args(data, run, "cavga-du", 1)) == 0
+    assert main(train_args(data, run, "cavga-du", 1)) == 2  # never overwrites a run
+    assert "already holds a run" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["predict", str(run), str(bad), "--out", str(tmp_path / "p")]) == 1
+    assert "cannot be decoded" in capsys.readouterr().err

@@ -1,0 +1,168 @@
+"""Every registered network: shapes, gradients, size checks and ResNet-18 weight files."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torchvision
+
+from cavga.attention import attention_expansion_loss, latent_attention
+from cavga.errors import CavgaError
+from cavga.losses import kl_divergence, reconstruction_loss
+from cavga.networks import MODELS, create_model
+
+INVALID_SIZES = {"resnet": [16, 40, 48], "dcgan": [16, 48, 96]}
+
+
+def _grid(name: str, size: int) -> int:
+    return size // 32 if MODELS[name].backbone == "resnet" else 4
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_shapes_and_finite_generator_gradients(name, channels, size):
+    """z keeps the h×w grid of F, x̂ has x's shape in [0, 1], Dis gives (B,), and the full generator
+    loss reaches every generator parameter with finite gradients and none of the discriminator's."""
+    torch.manual_seed(0)
+    model = create_model(name, size, channels)
+    x = torch.rand(2, channels, size, size)
+    out = model(x)
+    g = _grid(name, size)
+    assert out.F.shape[0] == 2 and out.F.shape[2:] == (g, g)
+    assert out.z.shape[2:] == (g, g) and out.z.shape == out.mu.shape == out.logvar.shape
+    assert out.F is out.features[max(out.features)]
+    assert out.recon.shape == out.logits.shape == x.shape
+    assert out.recon.min() >= 0 and out.recon.max() <= 1
+    torch.testing.assert_close(out.recon, torch.sigmoid(out.logits))
+    assert model.discriminator(x).shape == (2,)
+    loss = (
+        reconstruction_loss(out.logits, x)
+        + kl_divergence(out.mu, out.logvar)
+        + attention_expansion_loss(latent_attention(out))
+    )
+    loss.backward()
+    for p in model.generator_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert all(p.grad is None for p in model.discriminator.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_sampling_follows_training_mode(name):
+    """z = μ at inference, z ≠ μ while training, and `sample=` overrides the mode."""
+    torch.manual_seed(0)
+    model = create_model(name, 32, 1)
+    x = torch.rand(2, 1, 32, 32)
+    out = model(x)
+    assert not torch.equal(out.z, out.mu)
+    out = model(x, sample=False)
+    assert torch.equal(out.z, out.mu)
+    model.eval()
+    assert torch.equal(model(x).z, model(x).mu)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_invalid_image_sizes_raise(name):
+    """Sizes the encoder stack cannot reduce to its grid are refused with a CavgaError naming the size."""
+    for size in INVALID_SIZES[MODELS[name].backbone]:
+        with pytest.raises(CavgaError, match=str(size)):
+            create_model(name, size, 1)
+
+
+def test_unknown_model_raises():
+    """An unknown name is a CavgaError that lists the registered models."""
+    with pytest.raises(CavgaError, match="cavga-ru"):
+        create_model("cavga-xx", 32, 1)
+
+
+def test_generator_parameters_exclude_the_discriminator():
+    """The generator optimizer gets E, the latent heads and G, never Dis."""
+    model = create_model("cavga-du", 32, 1)
+    gen = {id(p) for p in model.generator_parameters()}
+    dis = {id(p) for p in model.discriminator.parameters()}
+    assert gen.isdisjoint(dis)
+    assert gen | dis == {id(p) for p in model.parameters()}
+
+
+@pytest.fixture(scope="module")
+def resnet_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(7)
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def _path_error(path) -> str:
+    return re.escape(str(path))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_resnet_state_dict_file_loads(tmp_path, resnet_state, channels):
+    """A torchvision ResNet-18 state dict is loaded; grey input gets conv1 summed over RGB."""
+    path = tmp_path / "r18.pt"
+    torch.save(resnet_state, path)
+    enc = create_model("cavga-ru", 32, channels, weights=str(path)).encoder
+    conv1 = resnet_state["conv1.weight"]
+    expected = conv1 if channels == 3 else conv1.sum(1, keepdim=True)
+    torch.testing.assert_close(enc.stem[0].weight, expected, atol=0, rtol=0)
+    torch.testing.assert_close(enc.stem[1].running_var, resnet_state["bn1.running_var"], atol=0, rtol=0)
+    last = enc.layers[3][1].conv2.weight
+    torch.testing.assert_close(last, resnet_state["layer4.1.conv2.weight"], atol=0, rtol=0)
+
+
+def test_resnet_state_dict_variants_load(tmp_path, resnet_state):
+    """A checkpoint wrapped in {"state_dict": …}, with DataParallel's "module." prefix and no fc loads."""
+    sd = {f"module.{k}": v for k, v in resnet_state.items() if not k.startswith("fc.")}
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    enc = create_model("cavga-ru", 32, 3, weights=str(path)).encoder
+    torch.testing.assert_close(enc.layers[0][0].conv1.weight, resnet_state["layer1.0.conv1.weight"])
+
+
+def test_weights_file_with_wrong_keys_raises(tmp_path):
+    """A state dict of another network is refused, naming the file and a missing key."""
+    path = tmp_path / "other.pt"
+    torch.save({"foo.weight": torch.zeros(3)}, path)
+    with pytest.raises(CavgaError, match=_path_error(path)) as info:
+        create_model("cavga-ru", 32, 1, weights=str(path))
+    assert "missing" in str(info.value) and "conv1.weight" in str(info.value)
+
+
+def test_weights_file_with_wrong_shapes_raises(tmp_path, resnet_state):
+    """A ResNet-18 layout with a wrongly shaped tensor is refused, naming the file and the key."""
+    sd = dict(resnet_state)
+    sd["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    path = tmp_path / "bad_shape.pt"
+    torch.save(sd, path)
+    with pytest.raises(CavgaError, match=_path_error(path)) as info:
+        create_model("cavga-ru", 32, 3, weights=str(path))
+    assert "wrong shape" in str(info.value) and "layer1.0.conv1.weight" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [(b"this is not a checkpoint", "cannot read"), (None, "does not hold a state dict")],
+)
+def test_unreadable_weights_files_raise(tmp_path, content, kind):
+    """Garbage bytes and a saved non-dict object both give a CavgaError naming the file."""
+    path = tmp_path / "weights.pt"
+    if content is None:
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CavgaError, match=_path_error(path)) as info:
+        create_model("cavga-ru", 32, 1, weights=str(path))
+    assert kind in str(info.value)
+
+
+def test_missing_weights_file_raises(tmp_path):
+    """A weights path that does not exist is a CavgaError naming it."""
+    path = tmp_path / "nowhere.pt"
+    with pytest.raises(CavgaError, match=_path_error(path)):
+        create_model("cavga-ru", 32, 1, weights=str(path))
+
+
+def test_weights_are_refused_for_dcgan_models(tmp_path):
+    """Only the ResNet-18 encoder takes weights; a DCGAN model with weights= is a CavgaError."""
+    with pytest.raises(CavgaError, match="ResNet-18"):
+        create_model("cavga-du", 32, 1, weights=str(tmp_path / "r18.pt"))
