@@ -11,8 +11,8 @@ import torch
 
 from cavga.cli import main
 from cavga.data import make_demo_data
-from cavga.engine.run import load_checkpoint
 from cavga.engine import train as train_mod
+from cavga.engine.run import load_checkpoint
 from cavga.engine.train import batch_indices
 
 SIZE = 32

@@ -75,9 +75,7 @@ def test_discriminator_loss_by_hand(real_label):
     real = np.array([2.0, -1.0, 0.5])
     fake = np.array([-3.0, 0.0, 1.5])
     pr, pf = _sigmoid(real), _sigmoid(fake)
-    expected = (
-        -(real_label * np.log(pr) + (1 - real_label) * np.log(1 - pr)).mean() - np.log(1 - pf).mean()
-    )
+    expected = -(real_label * np.log(pr) + (1 - real_label) * np.log(1 - pr)).mean() - np.log(1 - pf).mean()
     got = discriminator_loss(torch.from_numpy(real), torch.from_numpy(fake), real_label)
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
@@ -88,7 +86,7 @@ def test_discriminator_loss_at_zero_logits_is_two_log_two():
     assert discriminator_loss(z, z).item() == pytest.approx(2 * np.log(2))
 
 
-def test_discriminator_loss_ignores_generator_side_labels():
+def test_label_smoothing_touches_only_the_real_term():
     """Label smoothing applies to real images only: with real logits fixed, fake terms are identical."""
     real, fake = torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.5])
     diff = discriminator_loss(real, fake, 0.9) - discriminator_loss(real, torch.zeros(2), 0.9)

@@ -98,16 +98,24 @@ def _path_error(path) -> str:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_resnet_state_dict_file_loads(tmp_path, resnet_state, channels):
-    """A torchvision ResNet-18 state dict is loaded; grey input gets conv1 summed over RGB."""
+    """A torchvision ResNet-18 state dict is loaded exactly, for grey and colour input alike."""
     path = tmp_path / "r18.pt"
     torch.save(resnet_state, path)
     enc = create_model("cavga-ru", 32, channels, weights=str(path)).encoder
-    conv1 = resnet_state["conv1.weight"]
-    expected = conv1 if channels == 3 else conv1.sum(1, keepdim=True)
-    torch.testing.assert_close(enc.stem[0].weight, expected, atol=0, rtol=0)
+    torch.testing.assert_close(enc.stem[0].weight, resnet_state["conv1.weight"], atol=0, rtol=0)
     torch.testing.assert_close(enc.stem[1].running_var, resnet_state["bn1.running_var"], atol=0, rtol=0)
     last = enc.layers[3][1].conv2.weight
     torch.testing.assert_close(last, resnet_state["layer4.1.conv2.weight"], atol=0, rtol=0)
+
+
+def test_grey_image_is_seen_as_its_rgb_copy():
+    """The R encoder gives a grey image exactly the features of the same image in RGB."""
+    torch.manual_seed(0)
+    grey = create_model("cavga-ru", 32, 1).encoder.eval()
+    rgb = create_model("cavga-ru", 32, 3).encoder.eval()
+    rgb.load_state_dict(grey.state_dict())
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(grey(x)[32], rgb(x.repeat(1, 3, 1, 1))[32])
 
 
 def test_resnet_state_dict_variants_load(tmp_path, resnet_state):

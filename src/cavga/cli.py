@@ -22,9 +22,8 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     from cavga.data import make_demo_data
 
     root = make_demo_data(args.out, seed=args.seed, image_size=args.image_size)
-    print(
-        f"demo data written to {root} (categories: {', '.join(sorted(p.name for p in root.iterdir() if p.is_dir()))})"
-    )
+    categories = sorted(p.name for p in root.iterdir() if p.is_dir())
+    print(f"demo data written to {root} (categories: {', '.join(categories)})")
     return 0
 
 
@@ -144,18 +143,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out / "summary.json",
         {"categories": summary, "seconds": round(seconds, 1), "anomaly_map": cfg.anomaly_map},
     )
-    print(
-        f"{'category':<10}{'pixel AUROC':>13}{'AUPRO':>8}{'IoU':>8}{'image AUROC':>13}{'residual':>10}{'paper A':>9}"
-    )
+    columns = {
+        "pixel_auroc": "pixel AUROC",
+        "aupro": "AUPRO",
+        "pixel_iou": "IoU",
+        "image_auroc": "image AUROC",
+        "residual_pixel_auroc": "residual",
+        "paper_attention_pixel_auroc": "paper A",
+    }
+    print(f"{'category':<10}" + "".join(f"{h:>13}" for h in columns.values()))
     for cat, m in summary.items():
-        print(
-            f"{cat:<10}{_fmt(m['pixel_auroc']):>13}{_fmt(m['aupro']):>8}{_fmt(m['pixel_iou']):>8}"
-            f"{_fmt(m['image_auroc']):>13}{_fmt(m['residual_pixel_auroc']):>10}{_fmt(m['paper_attention_pixel_auroc']):>9}"
-        )
-    print(
-        f"\ndone in {seconds:.0f} s. Results: {out / 'summary.json'}; per category: {out / 'runs'}/<category>/"
-        f"(metrics.json, panels/). Predict on new images with: cavga predict {out / 'runs' / categories[0]} IMAGE..."
-    )
+        print(f"{cat:<10}" + "".join(f"{_fmt(m[k]):>13}" for k in columns))
+    print(f"\ndone in {seconds:.0f} s. Summary: {out / 'summary.json'}; runs: {out / 'runs'}/<category>/")
+    print(f"Predict on new images with: cavga predict {out / 'runs' / categories[0]} IMAGE_OR_FOLDER...")
     return 0
 
 
@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "test",
         formatter_class=raw,
         help="evaluate a run on a test split, write metrics.json",
-        epilog="examples:\n  cavga test runs/cavga-ru-brick\n  cavga test runs/cavga-ru-brick --data other-root --no-panels",
+        epilog="examples:\n  cavga test runs/cavga-ru-brick\n"
+        "  cavga test runs/cavga-ru-brick --data other-root --no-panels",
     )
     e.add_argument("run", help="run folder")
     e.add_argument("--data", help="dataset root (default: the one the run was trained on)")

@@ -33,6 +33,7 @@ class TrainConfig:
     real_label: float = 0.9  # one-sided label smoothing for Dis
     adv_start: float = 0.25  # fraction of the steps before the adversarial game starts
     latent_channels: int | None = None  # model default when None
+    disc_width: int = 32  # first-layer width of the DCGAN discriminator (DCGAN: 64; 32 trains 1.5× faster)
     weights: str | None = None  # ResNet-18 weights: None (random), "imagenet" or a state-dict path
     anomaly_map: str = "latent-stats"  # which map `test` and `predict` report (see cavga.maps.MAPS)
     stats_layers: tuple[str, ...] = (
@@ -77,6 +78,7 @@ PAPER = {
     "real_label": 1.0,
     "adv_start": 0.0,
     "d_lr": 2e-4,
+    "disc_width": 64,
     "anomaly_map": "paper",
 }
 

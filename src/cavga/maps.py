@@ -55,11 +55,22 @@ def _upsample(m: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _layer(out: ModelOutput, name: str) -> torch.Tensor:
-    if name == "z":
-        return out.mu
-    # Small inputs to CAVGA-D have fewer stages: fall back to the nearest stride it has.
-    stride = int(name.removeprefix("s"))
-    return out.features[min(out.features, key=lambda s: (abs(s - stride), s))]
+    return out.mu if name == "z" else out.features[int(name.removeprefix("s"))]
+
+
+def _available_layers(out: ModelOutput, names: tuple[str, ...]) -> list[str]:
+    """The requested stages, each moved to the nearest stride the encoder has, without repeats.
+
+    Small inputs to CAVGA-D have fewer stages (a 32 px input stops at stride 8).
+    """
+    found: list[str] = []
+    for name in names:
+        if name != "z":
+            stride = int(name.removeprefix("s"))
+            name = f"s{min(out.features, key=lambda s: (abs(s - stride), s))}"
+        if name not in found:
+            found.append(name)
+    return found
 
 
 @torch.no_grad()
@@ -76,7 +87,7 @@ def fit_feature_stats(model: CAVGA, images: torch.Tensor, cfg: TrainConfig, devi
     for xb in _batches(images, cfg.batch_size):
         out = model(xb.to(device), sample=False)
         n += len(xb)
-        for name in cfg.stats_layers:
+        for name in _available_layers(out, cfg.stats_layers):
             f = _layer(out, name).double()  # (B, K, h, w)
             flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])  # (B·h·w, K)
             a = acc.setdefault(name, {"pos": 0, "sum": 0, "outer": 0})
@@ -143,7 +154,7 @@ class MapMaker:
         """Calibrated maps in [0, 1] and one image score per map (`score/<map>`)."""
         res = self.raw(x)
         for name in CALIBRATED:
-            if name in res and name in self.cal["scales"]:
+            if self.cal is not None and name in res and name in self.cal["scales"]:
                 r = res[name] / self.cal["scales"][name]
                 res[name] = r / (1 + r)
         for name in MAPS:

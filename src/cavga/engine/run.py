@@ -38,7 +38,7 @@ def seed_everything(seed: int) -> None:
 
 def build_model(cfg: TrainConfig, weights: str | None = None) -> CAVGA:
     """The network a config describes (weights: override of cfg.weights, e.g. none when loading)."""
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"disc_width": cfg.disc_width}
     if cfg.latent_channels:
         kwargs["latent_channels"] = cfg.latent_channels
     if weights:

@@ -103,11 +103,11 @@ def cavga_ru(
     channels: int,
     latent_channels: int = 512,
     weights: str | None = None,
-    width: int = 64,
+    disc_width: int = 64,
 ) -> CAVGA:
     check_image_size("resnet", image_size)
     enc = ResNetEncoder(channels, weights)
-    dis = DCGANDiscriminator(channels, image_size, width)
+    dis = DCGANDiscriminator(channels, image_size, disc_width)
     dec = ResidualDecoder(latent_channels, channels)
     init_dcgan_weights(dis)
     return CAVGA("cavga-ru", enc, ConvLatent(enc.out_channels, latent_channels), dec, dis)
@@ -124,6 +124,7 @@ def cavga_du(
     channels: int,
     latent_channels: int = 256,
     weights: str | None = None,
+    disc_width: int = 64,
     width: int = 64,
 ) -> CAVGA:
     check_image_size("dcgan", image_size)
@@ -131,7 +132,7 @@ def cavga_du(
         raise CavgaError("--weights applies to the ResNet-18 encoder of CAVGA-R models only")
     enc = DCGANEncoder(channels, image_size, width)
     dec = DCGANDecoder(latent_channels, channels, image_size, width)
-    dis = DCGANDiscriminator(channels, image_size, width)
+    dis = DCGANDiscriminator(channels, image_size, disc_width)
     net = CAVGA("cavga-du", enc, ConvLatent(enc.out_channels, latent_channels), dec, dis)
     init_dcgan_weights(net)
     return net

@@ -27,20 +27,16 @@ class ResNetEncoder(nn.Module):
         state = load_resnet_weights(weights) if weights else None
         if state is not None:
             net.load_state_dict(state)
-        if in_channels != 3:
-            # Grey input: sum the RGB filters so ImageNet weights see the same response to a grey
-            # image as to its RGB copy.
-            w = net.conv1.weight.data.sum(1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels
-            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-            net.conv1.weight.data.copy_(w)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
-        mean = torch.tensor(IMAGENET_MEAN).mean() if in_channels != 3 else torch.tensor(IMAGENET_MEAN)
-        std = torch.tensor(IMAGENET_STD).mean() if in_channels != 3 else torch.tensor(IMAGENET_STD)
-        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).expand(1, in_channels, 1, 1).clone())
-        self.register_buffer("std", std.reshape(1, -1, 1, 1).expand(1, in_channels, 1, 1).clone())
+        # Grey images are repeated to three channels, so ImageNet weights see a grey image exactly
+        # as they would see its RGB copy (conv1 on one channel costs hardly less).
+        self.repeat = 3 // in_channels
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        x = x.repeat(1, self.repeat, 1, 1)  # (B, 3, H, W)
         h = self.stem((x - self.mean) / self.std)  # (B, 64, H/4, W/4)
         feats = {}
         for stride, layer in zip((4, 8, 16, 32), self.layers, strict=True):
