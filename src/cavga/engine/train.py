@@ -161,7 +161,7 @@ def train(
         if new_log:
             log.writerow(["step", "loss", "rec", "kl", "adv_g", "adv_d", "ae", "seconds"])
         bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {cfg.model}", unit="step")
-        t0 = time.perf_counter()
+        t0, first_step = time.perf_counter(), step
         model.train()
         try:
             while step < total:
@@ -177,6 +177,7 @@ def train(
                         f"{time.perf_counter() - t0:.2f}",
                     ]
                 )
+                log_file.flush()  # so a stopped run's log is complete up to its last step
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss"})
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
@@ -188,7 +189,25 @@ def train(
                 f"interrupted at step {step}/{total}; saved {run / CHECKPOINT}, continue with --resume"
             ) from None
         bar.close()
+    train_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
     calibration = calibrate(model, cfg, data.train, data.calib, device)
+    images = (step - first_step) * min(cfg.batch_size, len(data.train))
+    write_json(
+        run / "train_summary.json",
+        {
+            "steps": step,
+            "steps_this_session": step - first_step,
+            "train_seconds": round(train_seconds, 2),
+            "images_per_second": round(images / train_seconds, 2) if train_seconds > 0 and images else None,
+            "calibration_seconds": round(time.perf_counter() - t1, 2),
+            "device": str(device),
+            "image_size": cfg.image_size,
+            "batch_size": min(cfg.batch_size, len(data.train)),
+            "n_train": len(data.train),
+            "n_calib": len(data.calib),
+        },
+    )
     save_checkpoint(run / CHECKPOINT, state(calibration))
     return run
 
