@@ -160,3 +160,35 @@ def test_errors_are_one_line_messages(data: Path, tmp_path: Path, capsys) -> Non
     bad.write_bytes(b"not an image")
     assert main(["predict", str(run), str(bad), "--out", str(tmp_path / "p")]) == 1
     assert "cannot be decoded" in capsys.readouterr().err
+
+
+def test_python_api_predicts_on_paths_pil_and_arrays(data: Path, tmp_path: Path) -> None:
+    """`load_run(...).predict` takes a path, a PIL image or an array and maps at the input's own size."""
+    import numpy as np
+    from PIL import Image
+
+    from cavga import load_run
+    from cavga.errors import DataError
+
+    run = tmp_path / "run"
+    assert main(train_args(data, run, "cavga-du", 2)) == 0
+    predictor = load_run(run, device="cpu")
+    path = data / "brick" / "test" / "hole" / "000.png"
+    from_path = predictor.predict(path)
+    from_pil = predictor.predict(Image.open(path))
+    from_array = predictor.predict(np.asarray(Image.open(path)))
+    assert from_path.score == pytest.approx(from_pil.score) == pytest.approx(from_array.score)
+    np.testing.assert_allclose(from_path.anomaly_map, from_array.anomaly_map, atol=1e-6)
+    assert from_path.is_anomalous == (from_path.score >= from_path.threshold)
+
+    big = predictor.predict(np.random.default_rng(0).random((50, 70)))
+    assert big.anomaly_map.shape == big.mask.shape == (50, 70)
+    assert 0.0 <= big.anomaly_map.min() and big.anomaly_map.max() <= 1.0
+    np.testing.assert_array_equal(big.mask, big.anomaly_map >= 0.5)
+
+    colour = np.zeros((32, 32, 3), np.uint8)
+    colour[..., 0] = 200
+    with pytest.raises(DataError, match="colour image"):
+        predictor.predict(colour)
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        predictor.predict(np.full((8, 8), 3.0))
