@@ -183,7 +183,7 @@ def test_python_api_predicts_on_paths_pil_and_arrays(data: Path, tmp_path: Path)
 
     big = predictor.predict(np.random.default_rng(0).random((50, 70)))
     assert big.anomaly_map.shape == big.mask.shape == (50, 70)
-    assert 0.0 <= big.anomaly_map.min() and big.anomaly_map.max() <= 1.0
+    assert big.anomaly_map.min() >= 0.0 and big.anomaly_map.max() <= 1.0
     np.testing.assert_array_equal(big.mask, big.anomaly_map >= 0.5)
 
     colour = np.zeros((32, 32, 3), np.uint8)

@@ -87,14 +87,16 @@ def test_mean_maps_are_one_image_independent_map_over_the_training_images(setup)
 
 def test_feature_stats_match_a_direct_computation(setup):
     """Means (shrunk towards the global mean) and ridge-regularised pooled covariances are exactly
-    those of the features of the images passed, whatever the batch size."""
+    those of the 3×3-averaged features of the images passed, whatever the batch size."""
     model, cfg, train, _, _ = setup
+    assert cfg.stats_pool == 3
     stats = fit_feature_stats(model, train, cfg, CPU)
     with torch.no_grad():
         out = model(train, sample=False)
     s = cfg.position_shrink
     for name in cfg.stats_layers:
         f = out.features[int(name[1:])].double()
+        f = torch.nn.functional.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
         K = f.shape[1]
         flat = f.permute(0, 2, 3, 1).reshape(-1, K)
         mean = flat.mean(0)
@@ -138,8 +140,8 @@ def test_deviation_is_zero_for_the_only_image_the_statistics_were_fitted_on(setu
     cfg0 = dataclasses.replace(cfg, position_shrink=0.0)
     stats = fit_feature_stats(model, train[:1], cfg0, CPU)
     with torch.no_grad():
-        same = feature_deviation(model(train[:1], sample=False), stats, SIZE)
-        other = feature_deviation(model(train[1:2], sample=False), stats, SIZE)
+        same = feature_deviation(model(train[:1], sample=False), stats, SIZE, cfg0.stats_pool)
+        other = feature_deviation(model(train[1:2], sample=False), stats, SIZE, cfg0.stats_pool)
     assert same.shape == (1, SIZE, SIZE)
     assert same.abs().max() < 1e-2
     assert other.min() > 10 * same.abs().max()

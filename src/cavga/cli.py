@@ -10,7 +10,7 @@ from pathlib import Path
 from cavga import __version__
 from cavga.errors import CavgaError
 
-DEMO_STEPS = 40
+DEMO_STEPS = 60
 DEMO_SIZE = 128
 
 

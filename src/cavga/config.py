@@ -36,10 +36,9 @@ class TrainConfig:
     disc_width: int = 32  # first-layer width of the DCGAN discriminator (DCGAN: 64; 32 trains 1.5× faster)
     weights: str | None = None  # ResNet-18 weights: None (random), "imagenet" or a state-dict path
     anomaly_map: str = "latent-stats"  # which map `test` and `predict` report (see cavga.maps.MAPS)
-    stats_layers: tuple[str, ...] = (
-        "s8",
-        "s16",
-    )  # encoder stages (by stride) and/or "z" for latent-stats
+    # latent-stats: encoder stages by stride ("z" = μ), and the neighbourhood averaged before the statistics
+    stats_layers: tuple[str, ...] = ("s4", "s8")
+    stats_pool: int = 3
     position_shrink: float = 0.5  # 0: per-position means, 1: one mean for all positions
     blur: float = 1 / 32  # Gaussian smoothing of the maps, σ as a fraction of the image size
     calib_fraction: float = 0.1  # normal training images held out to calibrate thresholds

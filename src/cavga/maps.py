@@ -54,8 +54,13 @@ def _upsample(m: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(m.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
 
 
-def _layer(out: ModelOutput, name: str) -> torch.Tensor:
-    return out.mu if name == "z" else out.features[int(name.removeprefix("s"))]
+def _layer(out: ModelOutput, name: str, pool: int = 1) -> torch.Tensor:
+    f = out.mu if name == "z" else out.features[int(name.removeprefix("s"))]
+    if pool > 1:
+        # Average over each position's neighbourhood: texture defects (a contrast change, a foreign
+        # patch) alter local statistics more than any single position's features.
+        f = F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False)
+    return f
 
 
 def _available_layers(out: ModelOutput, names: tuple[str, ...]) -> list[str]:
@@ -88,7 +93,7 @@ def fit_feature_stats(model: CAVGA, images: torch.Tensor, cfg: TrainConfig, devi
         out = model(xb.to(device), sample=False)
         n += len(xb)
         for name in _available_layers(out, cfg.stats_layers):
-            f = _layer(out, name).double()  # (B, K, h, w)
+            f = _layer(out, name, cfg.stats_pool).double()  # (B, K, h, w)
             flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])  # (B·h·w, K)
             a = acc.setdefault(name, {"pos": 0, "sum": 0, "outer": 0})
             a["pos"] = a["pos"] + f.sum(0)
@@ -107,11 +112,11 @@ def fit_feature_stats(model: CAVGA, images: torch.Tensor, cfg: TrainConfig, devi
     return stats
 
 
-def feature_deviation(out: ModelOutput, stats: dict, size: int) -> torch.Tensor:
+def feature_deviation(out: ModelOutput, stats: dict, size: int, pool: int) -> torch.Tensor:
     """Sum over stages of the Mahalanobis distance per position, each stage scaled by √K."""
     total = 0
     for name, s in stats.items():
-        d = _layer(out, name) - s["mean"]  # (B, K, h, w)
+        d = _layer(out, name, pool) - s["mean"]  # (B, K, h, w)
         m = torch.einsum("bkhw,kl,blhw->bhw", d, s["precision"], d).clamp_min(0).sqrt()
         total = total + _upsample(m / math.sqrt(d.shape[1]), size)
     return total
@@ -145,7 +150,9 @@ class MapMaker:
             "residual_score": diff.flatten(1).mean(1),  # the paper's image score s_a
         }
         if self.cal is not None:
-            res["latent-stats"] = _blur(feature_deviation(out, self.cal["stats"], size), self.cfg)
+            res["latent-stats"] = _blur(
+                feature_deviation(out, self.cal["stats"], size, self.cfg.stats_pool), self.cfg
+            )
             if "latent-stats" in self.cal["scales"]:
                 res["fusion"] = _fuse(res, self.cal["scales"])
         return res
