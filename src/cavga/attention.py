@@ -50,3 +50,46 @@ def inference_attention(model: CAVGA, features: torch.Tensor) -> torch.Tensor:
 def attention_expansion_loss(attention: torch.Tensor) -> torch.Tensor:
     """L_ae = mean over images of mean_ij (1 − A_ij): push the attention to cover the whole image."""
     return (1.0 - attention).mean()
+
+
+def _kl_score(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).flatten(1).sum(1)
+
+
+def multiscale_attention(
+    model: CAVGA, x: torch.Tensor, score: str, strides: tuple[int, ...]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Grad-CAM at several encoder stages for a chosen per-image score, at inference.
+
+    Scores: "sum-z" (the paper's Σz, at z = μ), "kl" (the KL term of the image, non-linear in μ
+    and log σ²) and "recon" (the summed BCE of x̂ = G(μ) against x). Below the last stage the
+    gradient passes through non-linear layers, so even Σz gives image-dependent channel weights
+    there. Returns the mean of the per-stage maps (B, H, W) at the input size and the channel
+    weights α per stage (B, K) (equal rows for two images mean a fixed, image-independent readout).
+    """
+    size = x.shape[-1]
+    with torch.enable_grad():
+        feats = model.encoder(x)
+        chosen = [feats[min(feats, key=lambda s: (abs(s - t), s))] for t in strides]  # nearest stages
+        chosen = list({id(f): f for f in chosen}.values())
+        mu, logvar = model.latent(feats[max(feats)])
+        if score == "sum-z":
+            s = mu.flatten(1).sum(1)
+        elif score == "kl":
+            s = _kl_score(mu, logvar)
+        elif score == "recon":
+            s = torch.nn.functional.binary_cross_entropy_with_logits(model.decoder(mu), x, reduction="none")
+            s = s.flatten(1).sum(1)
+        else:
+            raise ValueError(f"unknown attention score {score!r}")
+        grads = torch.autograd.grad(s.sum(), chosen)
+    maps, weights = [], {}
+    for f, g in zip(chosen, grads, strict=True):
+        alpha = g.mean(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
+        cam = torch.relu((alpha * f).sum(1))
+        cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + EPS)
+        maps.append(
+            torch.nn.functional.interpolate(cam.unsqueeze(1), size=(size, size), mode="bilinear").squeeze(1)
+        )
+        weights[size // f.shape[-1]] = alpha.flatten(1)
+    return torch.stack(maps).mean(0).detach(), {k: v.detach() for k, v in weights.items()}

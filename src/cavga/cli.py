@@ -98,6 +98,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cavga.engine.compare import compare, parse_list
+
+    overrides = {
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "device": args.device,
+    }
+    compare(
+        args.data,
+        parse_list(args.models),
+        args.out,
+        parse_list(args.category),
+        args.seeds,
+        progress=not args.quiet,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    out = Path(args.out)
+    print((out / "compare.md").read_text())
+    print(f"tables: {out / 'compare.csv'}, {out / 'compare.md'}; figure: {out / 'maps.png'}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from cavga.maps import MAPS
     from cavga.networks import MODELS
@@ -250,6 +275,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--anomaly-map", default=None, help="override the run's map (see `cavga models`)")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser(
+        "compare",
+        formatter_class=raw,
+        help="train and test several models on the same data and seeds; one table and one figure",
+        epilog="examples:\n"
+        "  cavga compare --data demo-data --models cavga-ru,cavga-du --steps 60 --seeds 3 --out cmp\n"
+        "  cavga compare --data mvtec --category bottle,cable --models cavga-du --image-size 256 --out cmp",
+    )
+    c.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
+    c.add_argument("--category", help="comma-separated categories (default: all in --data)")
+    c.add_argument("--models", default="cavga-ru", help="comma-separated model names (see `cavga models`)")
+    c.add_argument("--preset", default="default")
+    c.add_argument("--image-size", type=int, default=None)
+    c.add_argument(
+        "--steps", type=int, default=DEMO_STEPS, help=f"training steps per run (default {DEMO_STEPS})"
+    )
+    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--seeds", type=int, default=2, help="seeds 0 … N−1 per model and category (default 2)")
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", required=True, help="output folder; a stopped comparison resumes there")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compare)
 
     ls = sub.add_parser("models", help="list the models and anomaly maps")
     ls.set_defaults(func=cmd_models)

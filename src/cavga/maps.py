@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from cavga.attention import inference_attention
+from cavga.attention import inference_attention, multiscale_attention
 from cavga.config import TrainConfig
 from cavga.networks import CAVGA, ModelOutput
 
@@ -24,8 +24,12 @@ MAPS: dict[str, str] = {
     "latent-stats": "Mahalanobis distance of each position's encoder features from normal statistics, "
     "fused over scales",
     "fusion": "mean of the calibrated latent-stats and residual maps",
+    "gradcam-multiscale": "1 − A, A the paper's Grad-CAM of Σz taken at strides 8, 16 and 32, averaged",
+    "gradcam-kl": "Grad-CAM of the image's KL term (non-linear in z) at strides 8, 16 and 32, averaged",
+    "gradcam-recon": "Grad-CAM of the image's reconstruction error at strides 8, 16 and 32, averaged",
     "residual": "|x − x̂| averaged over channels and smoothed (reference)",
 }
+GRADCAM_STRIDES = (8, 16, 32)
 # Maps that pass through the normal-image calibration (raw value / normal 99th percentile).
 CALIBRATED = ("latent-stats", "residual", "fusion")
 SCALE_QUANTILE = 0.99
@@ -148,6 +152,9 @@ class MapMaker:
             "paper": 1.0 - A,
             "residual": _blur(diff.mean(1), self.cfg),
             "residual_score": diff.flatten(1).mean(1),  # the paper's image score s_a
+            "gradcam-multiscale": 1.0 - multiscale_attention(self.model, x, "sum-z", GRADCAM_STRIDES)[0],
+            "gradcam-kl": multiscale_attention(self.model, x, "kl", GRADCAM_STRIDES)[0],
+            "gradcam-recon": multiscale_attention(self.model, x, "recon", GRADCAM_STRIDES)[0],
         }
         if self.cal is not None:
             res["latent-stats"] = _blur(
@@ -167,7 +174,8 @@ class MapMaker:
         for name in MAPS:
             if name in res:
                 # The paper scores an image by its reconstruction error; our calibrated maps by their peak.
-                score = res["residual_score"] if name == "paper" else res[name].flatten(1).amax(1)
+                # Grad-CAM maps are scaled per image (every image has a peak of 1), so they score by s_a too.
+                score = res["residual_score"] if name not in CALIBRATED else res[name].flatten(1).amax(1)
                 res[f"score/{name}"] = score
         return res
 

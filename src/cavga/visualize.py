@@ -22,6 +22,7 @@ __all__ = [
     "heatmap",
     "overlay",
     "panel_scale",
+    "save_grid",
     "save_map_png",
     "save_mask_png",
     "save_panel",
@@ -257,3 +258,36 @@ def save_mask_png(path: str | PathLike[str], mask: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(binary).save(path, format="PNG")
+
+
+def save_grid(path: str | PathLike[str], rows: list[tuple[str, list[np.ndarray]]], title: str = "") -> None:
+    """One PNG of labelled rows of equally sized uint8 RGB tiles (e.g. one row of maps per method).
+
+    Args:
+        path: Output PNG path (parent folders are created).
+        rows: (label, tiles) pairs; each tile is ``(H, W, 3)`` uint8, all of one size.
+        title: Optional line above the grid.
+    """
+    h, w = rows[0][1][0].shape[:2]
+    factor = panel_scale(h, w)
+    th, tw = h * factor, w * factor
+    label_w = 8 + 7 * max(len(label) for label, _ in rows)
+    ncols = max(len(tiles) for _, tiles in rows)
+    top = _TITLE_HEIGHT if title else 0
+    canvas = Image.new(
+        "RGB",
+        (label_w + ncols * (tw + PANEL_PAD) + PANEL_PAD, top + len(rows) * (th + PANEL_PAD) + PANEL_PAD),
+        _BACKGROUND,
+    )
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((PANEL_PAD, 2), title, fill=_TEXT)
+    for r, (label, tiles) in enumerate(rows):
+        y = top + PANEL_PAD + r * (th + PANEL_PAD)
+        draw.text((PANEL_PAD, y + th // 2 - 6), label, fill=_TEXT)
+        for c, tile in enumerate(tiles):
+            canvas.paste(
+                Image.fromarray(_enlarge(tile, factor)), (label_w + PANEL_PAD + c * (tw + PANEL_PAD), y)
+            )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

@@ -1,0 +1,185 @@
+"""`cavga compare`: train and test several models on the same data and seeds, side by side.
+
+Every (model, category, seed) run lives in `<out>/runs/<model>/<category>/seed<k>`; a finished
+run is never recomputed and a stopped one is resumed, so an interrupted comparison continues
+where it stopped. Results: `compare.csv`, `compare.md` (mean ± std over seeds of the per-seed mean
+over categories, every anomaly map of every model plus the image-independent reference) and
+`maps.png` (one row of maps per model and map for the same test images).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cavga.api import Predictor
+from cavga.config import make_config
+from cavga.data import category_dir, list_categories, list_split, load_mask
+from cavga.engine.evaluate import evaluate
+from cavga.engine.run import CHECKPOINT, load_checkpoint
+from cavga.engine.train import train
+from cavga.errors import CavgaError
+from cavga.maps import MAPS
+from cavga.visualize import GT_COLOR, draw_contour, overlay, save_grid
+
+METRICS = ("pixel_auroc", "aupro", "pixel_iou", "image_auroc", "detection_accuracy")
+REFERENCE = "image-independent"
+
+
+def _run(out: Path, model: str, category: str, seed: int) -> Path:
+    return out / "runs" / model / (category or "data") / f"seed{seed}"
+
+
+def train_and_test(
+    data: Path, category: str, model: str, seed: int, out: Path, overrides: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    """One cell of the comparison: train (or resume, or reuse) and evaluate; returns metrics.json."""
+    run = _run(out, model, category, seed)
+    if (run / "metrics.json").exists():
+        return json.loads((run / "metrics.json").read_text())
+    if (run / CHECKPOINT).exists():
+        if load_checkpoint(run).get("calibration") is None:
+            train(None, data, run, resume=True, progress=progress)
+    else:
+        cfg = make_config(overrides.pop("preset", "default"), model=model, seed=seed, **overrides)
+        train(cfg, data, run, category=category or None, progress=progress)
+    return evaluate(run, panels=False)
+
+
+def compare(
+    data: str | Path,
+    models: list[str],
+    out: str | Path,
+    categories: list[str] | None = None,
+    seeds: int = 2,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Run every model × category × seed, write the tables and the figure; returns the table rows."""
+    data, out = Path(data), Path(out)
+    categories = categories or list_categories(data)
+    cells = []
+    total = len(models) * len(categories) * seeds
+    for model in models:
+        for seed in range(seeds):
+            for cat in categories:
+                print(f"[{len(cells) + 1}/{total}] {model} {cat or data.name} seed {seed}", flush=True)
+                res = train_and_test(data, cat, model, seed, out, dict(overrides), progress)
+                summary = json.loads((_run(out, model, cat, seed) / "train_summary.json").read_text())
+                cells.append({"model": model, "category": cat, "seed": seed, "result": res, "train": summary})
+    rows = table_rows(cells)
+    write_tables(rows, cells, out)
+    write_figure(cells, data, out)
+    return rows
+
+
+def table_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, map): mean and std over seeds of each seed's mean over categories."""
+    rows = []
+    for model in dict.fromkeys(c["model"] for c in cells):
+        mine = [c for c in cells if c["model"] == model]
+        maps = [*mine[0]["result"]["maps"], REFERENCE]
+        seeds = sorted({c["seed"] for c in mine})
+        for name in maps:
+            row: dict[str, Any] = {
+                "model": model,
+                "map": name,
+                "default": name == mine[0]["result"]["anomaly_map"],
+            }
+            for k in METRICS:
+                per_seed = []
+                for s in seeds:
+                    vals = [_metric(c["result"], name, k) for c in mine if c["seed"] == s]
+                    vals = [v for v in vals if v is not None]
+                    if vals:
+                        per_seed.append(float(np.mean(vals)))
+                row[k] = float(np.mean(per_seed)) if per_seed else None
+                row[f"{k}_std"] = float(np.std(per_seed)) if per_seed else None
+            row["train_seconds"] = float(np.mean([c["train"]["train_seconds"] for c in mine]))
+            rows.append(row)
+    return rows
+
+
+def _metric(result: dict[str, Any], name: str, key: str) -> float | None:
+    block = result["references"][REFERENCE] if name == REFERENCE else result["maps"][name]
+    return block["overall"][key]
+
+
+def write_tables(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) -> None:
+    """compare.csv (every number) and compare.md (mean ± std, the machine and settings stated)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "compare.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    t = cells[0]["train"]
+    lines = [
+        f"{len({c['seed'] for c in cells})} seeds × {len({c['category'] for c in cells})} categories; "
+        f"{t['image_size']} px, batch {t['batch_size']}, {t['steps']} steps; device {t['device']}, "
+        f"{torch.get_num_threads()} CPU threads. `*` marks each model's default map.",
+        "",
+        "| model | map | " + " | ".join(METRICS) + " | train s/run |",
+        "|---|---|" + "---|" * (len(METRICS) + 1),
+    ]
+    for r in rows:
+        cells_txt = [("n/a" if r[k] is None else f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}") for k in METRICS]
+        name = r["map"] + (" *" if r["default"] else "")
+        lines.append(f"| {r['model']} | {name} | " + " | ".join(cells_txt) + f" | {r['train_seconds']:.0f} |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+
+
+def write_figure(cells: list[dict[str, Any]], data: Path, out: Path, per_type: int = 1) -> None:
+    """maps.png: the first category, seed 0: the first test image of each defect type, with the
+    ground-truth contour, then one row per model and map."""
+    cat = cells[0]["category"]
+    samples = [s for s in list_split(category_dir(data, cat or None), "test") if s.label]
+    picked = {s.defect_type: s for s in reversed(samples)}  # first image of each type
+    picked = list(picked.values())[::-1][:6] if picked else []
+    if not picked:
+        return
+    rows: list[tuple[str, list[np.ndarray]]] = []
+    for model in dict.fromkeys(c["model"] for c in cells):
+        run = _run(out, model, cat, 0)
+        if not (run / CHECKPOINT).exists():
+            continue
+        predictor = Predictor(run)
+        preds = predictor.predict_batch([s.path for s in picked])
+        if not rows:
+            inputs = []
+            for s, p in zip(picked, preds, strict=True):
+                rgb = overlay(p.image, np.zeros(p.image.shape[:2]), alpha=0.0)
+                mask = (
+                    load_mask(s.mask_path, s.path, predictor.cfg.image_size)[0].numpy()
+                    if s.mask_path
+                    else None
+                )
+                inputs.append(draw_contour(rgb, mask, GT_COLOR) if mask is not None else rgb)
+            rows.append(("input + truth", inputs))
+        x = torch.stack([torch.from_numpy(np.atleast_3d(p.image).transpose(2, 0, 1).copy()) for p in preds])
+        maps = predictor.maker(x)
+        for name in (n for n in MAPS if n in maps):
+            rows.append(
+                (
+                    f"{model} {name}",
+                    [overlay(p.image, maps[name][i].cpu().numpy()) for i, p in enumerate(preds)],
+                )
+            )
+    if rows:
+        save_grid(
+            out / "maps.png", rows, title=f"{cat or data.name}: " + ", ".join(s.defect_type for s in picked)
+        )
+
+
+def parse_list(text: str | None) -> list[str] | None:
+    """ "a,b" → ["a", "b"]; None stays None."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise CavgaError(f"empty list: {text!r}")
+    return items
