@@ -177,3 +177,19 @@ def test_image_thresholds_are_within_the_calibration_scores(setup):
         scores = res[f"score/{name}"]
         assert scores.min() <= cal["image_thresholds"][name] <= scores.max() + 1e-6, name
         assert (scores > cal["image_thresholds"][name] + 1e-6).float().mean() <= 0.125, name
+
+
+def test_constant_gradient_readout_is_detected_and_finer_stages_depend_on_the_image(setup):
+    """At the last stage the paper's Σz has the same channel weights α for every image (a fixed
+    linear readout, so its map is image-independent up to F); below it, and for the KL and
+    reconstruction scores, α changes from image to image."""
+    from cavga.attention import multiscale_attention
+
+    model, _, train, _, _ = setup
+    x = train[:2]
+    _, paper = multiscale_attention(model, x, "sum-z", (32,))
+    torch.testing.assert_close(paper[32][0], paper[32][1])
+    for score, strides in (("sum-z", (8,)), ("kl", (32,)), ("recon", (32,))):
+        _, alphas = multiscale_attention(model, x, score, strides)
+        a = next(iter(alphas.values()))
+        assert not torch.allclose(a[0], a[1]), score
