@@ -73,7 +73,7 @@ class Predictor:
             raise CavgaError(f"unknown anomaly map {self.map_name!r}; choose one of: {', '.join(MAPS)}")
         self.calibration = ckpt["calibration"]
         self.threshold = float(self.calibration["image_thresholds"][self.map_name])
-        self.maker = MapMaker(self.model, self.cfg, self.calibration, self.device)
+        self.maker = MapMaker(self.model, self.cfg, self.calibration, self.device, maps=(self.map_name,))
 
     def _tensor(self, im: Image.Image, name: str) -> torch.Tensor:
         if self.cfg.channels == 1 and not is_grey(im):

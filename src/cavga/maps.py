@@ -134,8 +134,15 @@ def _fuse(res: dict[str, torch.Tensor], scales: dict[str, float]) -> torch.Tenso
 class MapMaker:
     """Computes reconstructions, the attention and every anomaly map for batches of images."""
 
-    def __init__(self, model: CAVGA, cfg: TrainConfig, calibration: dict | None, device: torch.device):
-        self.model, self.cfg, self.cal, self.device = model, cfg, calibration, device
+    def __init__(
+        self,
+        model: CAVGA,
+        cfg: TrainConfig,
+        calibration: dict | None,
+        device: torch.device,
+        maps: tuple[str, ...] = tuple(MAPS),
+    ):
+        self.model, self.cfg, self.cal, self.device, self.maps = model, cfg, calibration, device, maps
 
     @torch.no_grad()
     def raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -152,11 +159,17 @@ class MapMaker:
             "paper": 1.0 - A,
             "residual": _blur(diff.mean(1), self.cfg),
             "residual_score": diff.flatten(1).mean(1),  # the paper's image score s_a
-            "gradcam-multiscale": 1.0 - multiscale_attention(self.model, x, "sum-z", GRADCAM_STRIDES)[0],
-            "gradcam-kl": multiscale_attention(self.model, x, "kl", GRADCAM_STRIDES)[0],
-            "gradcam-recon": multiscale_attention(self.model, x, "recon", GRADCAM_STRIDES)[0],
         }
-        if self.cal is not None:
+        # The Grad-CAM variants each cost a backward pass: computed only when asked for.
+        for name, score in (
+            ("gradcam-multiscale", "sum-z"),
+            ("gradcam-kl", "kl"),
+            ("gradcam-recon", "recon"),
+        ):
+            if name in self.maps:
+                a = multiscale_attention(self.model, x, score, GRADCAM_STRIDES)[0]
+                res[name] = 1.0 - a if score == "sum-z" else a
+        if self.cal is not None and ("latent-stats" in self.maps or "fusion" in self.maps):
             res["latent-stats"] = _blur(
                 feature_deviation(out, self.cal["stats"], size, self.cfg.stats_pool), self.cfg
             )

@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cavga.api import Predictor
 from cavga.config import make_config
-from cavga.data import category_dir, list_categories, list_split, load_mask
+from cavga.data import category_dir, list_categories, list_split, load_image, load_mask
 from cavga.engine.evaluate import evaluate
-from cavga.engine.run import CHECKPOINT, load_checkpoint
+from cavga.engine.run import CHECKPOINT, load_checkpoint, load_model, resolve_device
 from cavga.engine.train import train
 from cavga.errors import CavgaError
-from cavga.maps import MAPS
+from cavga.maps import MAPS, MapMaker
 from cavga.visualize import GT_COLOR, draw_contour, overlay, save_grid
 
 METRICS = ("pixel_auroc", "aupro", "pixel_iou", "image_auroc", "detection_accuracy")
@@ -147,27 +146,21 @@ def write_figure(cells: list[dict[str, Any]], data: Path, out: Path, per_type: i
         run = _run(out, model, cat, 0)
         if not (run / CHECKPOINT).exists():
             continue
-        predictor = Predictor(run)
-        preds = predictor.predict_batch([s.path for s in picked])
+        ckpt, device = load_checkpoint(run), resolve_device("auto")
+        net, cfg = load_model(ckpt, device)
+        x = torch.stack([load_image(s.path, cfg.image_size, cfg.channels) for s in picked])
+        maps = MapMaker(net, cfg, ckpt["calibration"], device)(x)  # every map
+        images = [np.squeeze(im.numpy().transpose(1, 2, 0)) for im in x]
         if not rows:
             inputs = []
-            for s, p in zip(picked, preds, strict=True):
-                rgb = overlay(p.image, np.zeros(p.image.shape[:2]), alpha=0.0)
-                mask = (
-                    load_mask(s.mask_path, s.path, predictor.cfg.image_size)[0].numpy()
-                    if s.mask_path
-                    else None
-                )
+            for s, im in zip(picked, images, strict=True):
+                rgb = overlay(im, np.zeros(im.shape[:2]), alpha=0.0)
+                mask = load_mask(s.mask_path, s.path, cfg.image_size)[0].numpy() if s.mask_path else None
                 inputs.append(draw_contour(rgb, mask, GT_COLOR) if mask is not None else rgb)
             rows.append(("input + truth", inputs))
-        x = torch.stack([torch.from_numpy(np.atleast_3d(p.image).transpose(2, 0, 1).copy()) for p in preds])
-        maps = predictor.maker(x)
         for name in (n for n in MAPS if n in maps):
             rows.append(
-                (
-                    f"{model} {name}",
-                    [overlay(p.image, maps[name][i].cpu().numpy()) for i, p in enumerate(preds)],
-                )
+                (f"{model} {name}", [overlay(im, maps[name][i].cpu().numpy()) for i, im in enumerate(images)])
             )
     if rows:
         save_grid(
