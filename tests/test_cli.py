@@ -152,6 +152,8 @@ def test_errors_are_one_line_messages(data: Path, tmp_path: Path, capsys) -> Non
     assert "empty" in capsys.readouterr().err
     assert main(train_args(data, tmp_path / "r2", "cavga-du", 1, "--image-size", "48")) == 2
     assert "power of two" in capsys.readouterr().err
+    assert main(train_args(data, tmp_path / "r4", "cavga-du", 1, "--attention", "nope")) == 2
+    assert "unknown attention" in capsys.readouterr().err
     run = tmp_path / "r3"
     assert main(train_args(data, run, "cavga-du", 1)) == 0
     assert main(train_args(data, run, "cavga-du", 1)) == 2  # never overwrites a run

@@ -129,9 +129,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for spec in MODELS.values():
         print(f"{spec.name:<12} {spec.description}")
-    print("\nanomaly maps (--anomaly-map):")
+    print("\nattention / anomaly maps (--attention):")
     for name, desc in MAPS.items():
-        print(f"{name:<14} {desc}")
+        print(f"{name:<20} {desc}")
     return 0
 
 
@@ -240,7 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--weights", help="ResNet-18 encoder weights: imagenet (downloads) or a state-dict file")
-    t.add_argument("--anomaly-map", default=None, help="map used by test/predict (see `cavga models`)")
+    t.add_argument(
+        "--attention",
+        "--anomaly-map",
+        dest="anomaly_map",
+        default=None,
+        help="attention / anomaly map used by test and predict, recorded in the run (see `cavga models`)",
+    )
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
     t.add_argument("--out", help="run folder (default runs/<model>-<category>)")
@@ -272,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run folder")
     r.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     r.add_argument("--out", help="output folder (default <run>/predictions)")
-    r.add_argument("--anomaly-map", default=None, help="override the run's map (see `cavga models`)")
+    r.add_argument(
+        "--attention",
+        "--anomaly-map",
+        dest="anomaly_map",
+        default=None,
+        help="override the run's attention / anomaly map (see `cavga models`)",
+    )
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_predict)
 

@@ -29,7 +29,7 @@ from cavga.losses import (
     kl_divergence,
     reconstruction_loss,
 )
-from cavga.maps import calibrate
+from cavga.maps import MAPS, calibrate
 
 
 @dataclass
@@ -111,6 +111,10 @@ def train(
     elif (run / CHECKPOINT).exists():
         raise RunError(f"{run} already holds a run; use --resume to continue it or choose another --out")
     assert cfg is not None and data_dir is not None
+    if cfg.anomaly_map not in MAPS:  # checked before any work is done
+        raise RunError(
+            f"unknown attention / anomaly map {cfg.anomaly_map!r}; choose one of: {', '.join(MAPS)}"
+        )
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     data = load_train_data(data_dir, category, cfg)
