@@ -20,6 +20,7 @@ from cavga.engine.evaluate import run_maps
 from cavga.engine.run import load_checkpoint, load_model, resolve_device
 from cavga.errors import CavgaError, DataError, RunError
 from cavga.maps import MAPS, MapMaker
+from cavga.visualize import chw_to_image
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -106,8 +107,8 @@ class Predictor:
                     anomaly_map=full,
                     mask=full >= 0.5,
                     attention=out["attention"][i],
-                    reconstruction=np.squeeze(out["recon"][i].transpose(1, 2, 0)),
-                    image=np.squeeze(x[i].numpy().transpose(1, 2, 0)),
+                    reconstruction=chw_to_image(out["recon"][i]),
+                    image=chw_to_image(x[i].numpy()),
                 )
             )
         return results

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cavga.errors import CavgaError
@@ -45,7 +45,6 @@ class TrainConfig:
     false_alarm_rate: float = 0.01  # target on held-out normal images for the calibrated thresholds
     checkpoint_every: int = 100
     device: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON and checkpoints."""

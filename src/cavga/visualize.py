@@ -18,6 +18,7 @@ from skimage.transform import resize
 __all__ = [
     "PANEL_LABELS",
     "PANEL_PAD",
+    "chw_to_image",
     "draw_contour",
     "heatmap",
     "overlay",
@@ -52,6 +53,12 @@ _JET_RGB = np.array(
         [0.5, 0.0, 0.0],
     ]
 )
+
+
+def chw_to_image(chw: np.ndarray) -> np.ndarray:
+    """(C, H, W) tensor layout to an (H, W) grey or (H, W, 3) colour image array."""
+    hwc = np.asarray(chw).transpose(1, 2, 0)
+    return hwc[..., 0] if hwc.shape[-1] == 1 else hwc
 
 
 def _to_unit(values: np.ndarray) -> np.ndarray:

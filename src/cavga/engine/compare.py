@@ -24,7 +24,7 @@ from cavga.engine.run import CHECKPOINT, load_checkpoint, load_model, resolve_de
 from cavga.engine.train import train
 from cavga.errors import CavgaError
 from cavga.maps import MAPS, MapMaker
-from cavga.visualize import GT_COLOR, draw_contour, overlay, save_grid
+from cavga.visualize import GT_COLOR, chw_to_image, draw_contour, overlay, save_grid
 
 METRICS = ("pixel_auroc", "aupro", "pixel_iou", "image_auroc", "detection_accuracy")
 REFERENCE = "image-independent"
@@ -150,7 +150,7 @@ def write_figure(cells: list[dict[str, Any]], data: Path, out: Path, per_type: i
         net, cfg = load_model(ckpt, device)
         x = torch.stack([load_image(s.path, cfg.image_size, cfg.channels) for s in picked])
         maps = MapMaker(net, cfg, ckpt["calibration"], device)(x)  # every map
-        images = [np.squeeze(im.numpy().transpose(1, 2, 0)) for im in x]
+        images = [chw_to_image(im.numpy()) for im in x]
         if not rows:
             inputs = []
             for s, im in zip(picked, images, strict=True):

@@ -14,7 +14,7 @@ from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_
 from cavga.errors import DataError, RunError
 from cavga.maps import MAPS, MapMaker
 from cavga.metrics import summarize
-from cavga.visualize import save_panel
+from cavga.visualize import chw_to_image, save_panel
 
 METRIC_KEYS = ("pixel_iou", "pixel_auroc", "aupro", "image_auroc", "detection_accuracy")
 
@@ -122,16 +122,10 @@ def write_panels(
 ) -> None:
     """One PNG per image: input, reconstruction, attention, map overlay, predicted and true contours."""
     for i, s in enumerate(samples):
-        img = (
-            images[i].permute(1, 2, 0).numpy().squeeze(-1)
-            if images.shape[1] == 1
-            else images[i].permute(1, 2, 0).numpy()
-        )
-        rec = out["recon"][i].transpose(1, 2, 0)
         save_panel(
             folder / f"{s.defect_type}_{s.path.stem}.png",
-            img,
-            rec.squeeze(-1) if rec.shape[-1] == 1 else rec,
+            chw_to_image(images[i].numpy()),
+            chw_to_image(out["recon"][i]),
             out["attention"][i],
             out[chosen][i],
             out[chosen][i] >= 0.5,
