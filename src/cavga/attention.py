@@ -8,7 +8,9 @@ network through the attention, as CAVGA's attention expansion loss needs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from cavga.losses import kl_divergence, reconstruction_loss
 from cavga.networks import CAVGA, ModelOutput
 
 EPS = 1e-8
@@ -52,8 +54,16 @@ def attention_expansion_loss(attention: torch.Tensor) -> torch.Tensor:
     return (1.0 - attention).mean()
 
 
-def _kl_score(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).flatten(1).sum(1)
+def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, h, w) maps to (B, size, size), bilinearly."""
+    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(
+        1
+    )
+
+
+def nearest_stride(features: dict[int, torch.Tensor], stride: int) -> int:
+    """The encoder stage closest to `stride` (small CAVGA-D inputs have fewer stages)."""
+    return min(features, key=lambda s: (abs(s - stride), s))
 
 
 def multiscale_attention(
@@ -70,26 +80,24 @@ def multiscale_attention(
     size = x.shape[-1]
     with torch.enable_grad():
         feats = model.encoder(x)
-        chosen = [feats[min(feats, key=lambda s: (abs(s - t), s))] for t in strides]  # nearest stages
-        chosen = list({id(f): f for f in chosen}.values())
+        chosen = [feats[s] for s in dict.fromkeys(nearest_stride(feats, t) for t in strides)]
         mu, logvar = model.latent(feats[max(feats)])
+        # Grad-CAM only needs Σ over the batch of the per-image scores: the "sum" losses are that
+        # sum divided by B, and each image's score depends on its own features only.
         if score == "sum-z":
-            s = mu.flatten(1).sum(1)
+            total = mu.sum()
         elif score == "kl":
-            s = _kl_score(mu, logvar)
+            total = kl_divergence(mu, logvar, "sum") * len(x)
         elif score == "recon":
-            s = torch.nn.functional.binary_cross_entropy_with_logits(model.decoder(mu), x, reduction="none")
-            s = s.flatten(1).sum(1)
+            total = reconstruction_loss(model.decoder(mu), x, "sum") * len(x)
         else:
             raise ValueError(f"unknown attention score {score!r}")
-        grads = torch.autograd.grad(s.sum(), chosen)
+        grads = torch.autograd.grad(total, chosen)
     maps, weights = [], {}
     for f, g in zip(chosen, grads, strict=True):
         alpha = g.mean(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
         cam = torch.relu((alpha * f).sum(1))
         cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + EPS)
-        maps.append(
-            torch.nn.functional.interpolate(cam.unsqueeze(1), size=(size, size), mode="bilinear").squeeze(1)
-        )
+        maps.append(upsample(cam, size))
         weights[size // f.shape[-1]] = alpha.flatten(1)
     return torch.stack(maps).mean(0).detach(), {k: v.detach() for k, v in weights.items()}

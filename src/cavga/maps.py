@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from cavga.attention import inference_attention, multiscale_attention
+from cavga.attention import inference_attention, multiscale_attention, nearest_stride, upsample
 from cavga.config import TrainConfig
 from cavga.networks import CAVGA, ModelOutput
 
@@ -54,10 +54,6 @@ def _quantile(t: torch.Tensor, q: float) -> float:
     return float(torch.quantile(flat[:: max(1, flat.numel() // 4_000_000)], q))
 
 
-def _upsample(m: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(m.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
-
-
 def _layer(out: ModelOutput, name: str, pool: int = 1) -> torch.Tensor:
     f = out.mu if name == "z" else out.features[int(name.removeprefix("s"))]
     if pool > 1:
@@ -75,8 +71,7 @@ def _available_layers(out: ModelOutput, names: tuple[str, ...]) -> list[str]:
     found: list[str] = []
     for name in names:
         if name != "z":
-            stride = int(name.removeprefix("s"))
-            name = f"s{min(out.features, key=lambda s: (abs(s - stride), s))}"
+            name = f"s{nearest_stride(out.features, int(name.removeprefix('s')))}"
         if name not in found:
             found.append(name)
     return found
@@ -122,7 +117,7 @@ def feature_deviation(out: ModelOutput, stats: dict, size: int, pool: int) -> to
     for name, s in stats.items():
         d = _layer(out, name, pool) - s["mean"]  # (B, K, h, w)
         m = torch.einsum("bkhw,kl,blhw->bhw", d, s["precision"], d).clamp_min(0).sqrt()
-        total = total + _upsample(m / math.sqrt(d.shape[1]), size)
+        total = total + upsample(m / math.sqrt(d.shape[1]), size)
     return total
 
 
@@ -151,7 +146,7 @@ class MapMaker:
         x = x.to(self.device)
         size = x.shape[-1]
         out = self.model(x, sample=False)
-        A = _upsample(inference_attention(self.model, out.F), size)  # (B, H, W)
+        A = upsample(inference_attention(self.model, out.F), size)  # (B, H, W)
         diff = (x - out.recon).abs()
         res = {
             "recon": out.recon,
@@ -173,13 +168,13 @@ class MapMaker:
             res["latent-stats"] = _blur(
                 feature_deviation(out, self.cal["stats"], size, self.cfg.stats_pool), self.cfg
             )
-            if "latent-stats" in self.cal["scales"]:
-                res["fusion"] = _fuse(res, self.cal["scales"])
         return res
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Calibrated maps in [0, 1] and one image score per map (`score/<map>`)."""
-        res = self.raw(x)
+    def calibrated(self, res: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """From `raw` output: the fusion, calibrated maps in [0, 1], one score per map (`score/<map>`)."""
+        res = dict(res)
+        if self.cal is not None and "latent-stats" in res and "latent-stats" in self.cal["scales"]:
+            res["fusion"] = _fuse(res, self.cal["scales"])
         for name in CALIBRATED:
             if self.cal is not None and name in res and name in self.cal["scales"]:
                 r = res[name] / self.cal["scales"][name]
@@ -191,6 +186,10 @@ class MapMaker:
                 score = res["residual_score"] if name not in CALIBRATED else res[name].flatten(1).amax(1)
                 res[f"score/{name}"] = score
         return res
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Calibrated maps in [0, 1] and one image score per map (`score/<map>`)."""
+        return self.calibrated(self.raw(x))
 
 
 @torch.no_grad()
@@ -214,7 +213,7 @@ def calibrate(
     fused = torch.cat([_fuse(h, cal["scales"]) for h in held])
     cal["scales"]["fusion"] = _quantile(fused, SCALE_QUANTILE) + 1e-12
     # Image thresholds and the image-independent reference maps.
-    calib_out = [maker(xb) for xb in _batches(calib_images, cfg.batch_size)]
+    calib_out = [maker.calibrated(h) for h in held]
     train_out = [maker(xb) for xb in _batches(train_images, cfg.batch_size)]
     cal["image_thresholds"] = {}
     cal["mean_maps"] = {}
