@@ -90,7 +90,7 @@ def test_attention_expansion_loss_trains_the_encoder_in_proportion_to_its_weight
     for w_ae in (0.0, 0.01, 1.0):
         cfg = make_config(model=name, image_size=size, w_rec=0.0, w_kl=0.0, w_adv=0.0, w_ae=w_ae)
         torch.manual_seed(123)
-        train_step(model, x, cfg, opt_g, opt_d, adversarial=False)
+        train_step(model, x, torch.zeros(len(x), dtype=torch.long), cfg, opt_g, opt_d, adversarial=False)
         grad = _first_conv(model).grad
         grads[w_ae] = torch.zeros_like(_first_conv(model)) if grad is None else grad.clone()
     assert torch.isfinite(grads[1.0]).all() and grads[1.0].abs().sum() > 0

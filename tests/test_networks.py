@@ -10,8 +10,9 @@ import torchvision
 
 from cavga.attention import attention_expansion_loss, latent_attention
 from cavga.errors import CavgaError
-from cavga.losses import kl_divergence, reconstruction_loss
+from cavga.losses import classifier_loss, kl_divergence, reconstruction_loss
 from cavga.networks import MODELS, create_model
+from cavga.networks.blocks import FlatLatent
 
 INVALID_SIZES = {"resnet": [16, 40, 48], "dcgan": [16, 48, 96]}
 
@@ -24,39 +25,48 @@ def _grid(name: str, size: int) -> int:
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_forward_shapes_and_finite_generator_gradients(name, channels, size):
-    """z keeps the h×w grid of F, x̂ has x's shape in [0, 1], Dis gives (B,), and the full generator
-    loss reaches every generator parameter with finite gradients and none of the discriminator's."""
+    """A conv z keeps the h×w grid of F, a flattened one is 100-d; x̂ has x's shape in [0, 1]; Dis
+    gives (B,) and C (B, 2) where the model has them; the full generator loss reaches every
+    generator parameter with finite gradients and none of the discriminator's."""
     torch.manual_seed(0)
     model = create_model(name, size, channels)
     x = torch.rand(2, channels, size, size)
     out = model(x)
     g = _grid(name, size)
     assert out.F.shape[0] == 2 and out.F.shape[2:] == (g, g)
-    assert out.z.shape[2:] == (g, g) and out.z.shape == out.mu.shape == out.logvar.shape
+    assert out.z.shape == out.mu.shape
+    assert out.z.shape == ((2, 100) if isinstance(model.latent, FlatLatent) else (2, out.z.shape[1], g, g))
+    assert (out.logvar is None) == (MODELS[name].family == "baseline" and name.startswith("ae-"))
     assert out.F is out.features[max(out.features)]
     assert out.recon.shape == out.logits.shape == x.shape
     assert out.recon.min() >= 0 and out.recon.max() <= 1
     torch.testing.assert_close(out.recon, torch.sigmoid(out.logits))
-    assert model.discriminator(x).shape == (2,)
-    loss = (
-        reconstruction_loss(out.logits, x)
-        + kl_divergence(out.mu, out.logvar)
-        + attention_expansion_loss(latent_attention(out))
-    )
+    assert (model.discriminator is None) == (MODELS[name].family == "baseline")
+    if model.discriminator is not None:
+        assert model.discriminator(x).shape == (2,)
+    weak = MODELS[name].setting == "weakly-supervised"
+    assert (out.class_logits is not None) == weak
+    loss = reconstruction_loss(out.logits, x) + attention_expansion_loss(latent_attention(out))
+    if out.logvar is not None:
+        loss = loss + kl_divergence(out.mu, out.logvar)
+    if weak:
+        loss = loss + classifier_loss(out.class_logits, torch.tensor([0, 1]))
     loss.backward()
     for p in model.generator_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
-    assert all(p.grad is None for p in model.discriminator.parameters())
+    if model.discriminator is not None:
+        assert all(p.grad is None for p in model.discriminator.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_sampling_follows_training_mode(name):
-    """z = μ at inference, z ≠ μ while training, and `sample=` overrides the mode."""
+    """z = μ at inference, z ≠ μ while training (a plain autoencoder's code is always μ), and
+    `sample=` overrides the mode."""
     torch.manual_seed(0)
     model = create_model(name, 32, 1)
     x = torch.rand(2, 1, 32, 32)
     out = model(x)
-    assert not torch.equal(out.z, out.mu)
+    assert torch.equal(out.z, out.mu) == (out.logvar is None)
     out = model(x, sample=False)
     assert torch.equal(out.z, out.mu)
     model.eval()

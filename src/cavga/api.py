@@ -19,7 +19,7 @@ from cavga.data import image_to_tensor, is_grey, open_image
 from cavga.engine.evaluate import run_maps
 from cavga.engine.run import load_checkpoint, load_model, resolve_device
 from cavga.errors import CavgaError, DataError, RunError
-from cavga.maps import MAPS, MapMaker
+from cavga.maps import MapMaker, available_maps
 from cavga.visualize import chw_to_image
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -70,8 +70,12 @@ class Predictor:
         self.device = resolve_device(device)
         self.model, self.cfg = load_model(ckpt, self.device)
         self.map_name = anomaly_map or self.cfg.anomaly_map
-        if self.map_name not in MAPS:
-            raise CavgaError(f"unknown anomaly map {self.map_name!r}; choose one of: {', '.join(MAPS)}")
+        maps = available_maps(self.model)
+        if self.map_name not in maps:
+            raise CavgaError(
+                f"anomaly map {self.map_name!r} is not available for model {self.cfg.model}; "
+                f"choose one of: {', '.join(maps)}"
+            )
         self.calibration = ckpt["calibration"]
         self.threshold = float(self.calibration["image_thresholds"][self.map_name])
         self.maker = MapMaker(self.model, self.cfg, self.calibration, self.device, maps=(self.map_name,))

@@ -40,6 +40,8 @@ def _train_args(args: argparse.Namespace) -> dict:
         "anomaly_map": args.anomaly_map,
         "device": args.device,
         "checkpoint_every": args.checkpoint_every,
+        "anomalous_dir": args.anomalous_dir,
+        "weak_fraction": args.weak_fraction,
     }
 
 
@@ -76,7 +78,9 @@ def _default_out(args: argparse.Namespace) -> str:
 def cmd_test(args: argparse.Namespace) -> int:
     from cavga.engine.evaluate import evaluate, format_table
 
-    result = evaluate(args.run, args.data, args.category, panels=not args.no_panels, device=args.device)
+    result = evaluate(
+        args.run, args.data, args.category, panels=not args.no_panels, device=args.device, force=args.force
+    )
     print(format_table(result))
     print(
         f"\nmetrics written to {Path(args.run) / 'metrics.json'}"
@@ -115,6 +119,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         parse_list(args.category),
         args.seeds,
         progress=not args.quiet,
+        maps=tuple(parse_list(args.maps)),
         **{k: v for k, v in overrides.items() if v is not None},
     )
     out = Path(args.out)
@@ -126,9 +131,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from cavga.maps import MAPS
     from cavga.networks import MODELS
+    from cavga.networks.model import PAPER_MAPS
 
+    print(f"{'model':<20} {'setting':<18} {'kind':<9} description")
     for spec in MODELS.values():
-        print(f"{spec.name:<12} {spec.description}")
+        print(f"{spec.name:<20} {spec.setting:<18} {spec.family:<9} {spec.description}")
+    print("\neach model's own map (`paper`):")
+    for kind, desc in PAPER_MAPS.items():
+        users = ", ".join(s.name for s in MODELS.values() if s.paper_map == kind)
+        print(f"  {desc}: {users}")
     print("\nattention / anomaly maps (--attention):")
     for name, desc in MAPS.items():
         print(f"{name:<20} {desc}")
@@ -230,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--data", help="dataset root in MVTec AD layout")
     t.add_argument("--category", help="category folder inside --data (needed when it holds several)")
-    t.add_argument("--model", default="cavga-ru", help="cavga-ru or cavga-du (see `cavga models`)")
+    t.add_argument(
+        "--model", default="cavga-ru", help="model name, e.g. cavga-ru, cavga-dw (see `cavga models`)"
+    )
     t.add_argument("--preset", default="default", help="default (measured on this project's data) or paper")
     t.add_argument("--image-size", type=int, default=None, help="square input size (default 128)")
     length = t.add_mutually_exclusive_group()
@@ -246,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest="anomaly_map",
         default=None,
         help="attention / anomaly map used by test and predict, recorded in the run (see `cavga models`)",
+    )
+    t.add_argument(
+        "--anomalous-dir",
+        help="weakly supervised models: a folder of your own anomalous training images (labels only) "
+        "instead of the paper's 2 %% of the anomalous test images",
+    )
+    t.add_argument(
+        "--weak-fraction",
+        type=float,
+        default=None,
+        help="weakly supervised models: fraction of the anomalous test images moved into training (0.02)",
     )
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
@@ -265,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset root (default: the one the run was trained on)")
     e.add_argument("--category", help="category (default: the run's)")
     e.add_argument("--no-panels", action="store_true", help="skip the per-image PNG panels")
+    e.add_argument("--force", action="store_true", help="test even on another category than the run's")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_test)
 
@@ -294,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and test several models on the same data and seeds; one table and one figure",
         epilog="examples:\n"
         "  cavga compare --data demo-data --models cavga-ru,cavga-du --steps 60 --seeds 3 --out cmp\n"
+        "  cavga compare --data demo-data --models cavga-ru,cavga-rw,ae-ssim --maps paper --out cmp\n"
         "  cavga compare --data mvtec --category bottle,cable --models cavga-du --image-size 256 --out cmp",
     )
     c.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
@@ -306,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--batch-size", type=int, default=None)
     c.add_argument("--seeds", type=int, default=2, help="seeds 0 … N−1 per model and category (default 2)")
+    c.add_argument(
+        "--maps",
+        default="paper,default",
+        help="maps to tabulate and draw: names from `cavga models`, default (each run's own), all "
+        "(default: paper,default)",
+    )
     c.add_argument("--device", default=None)
     c.add_argument("--out", required=True, help="output folder; a stopped comparison resumes there")
     c.add_argument("--quiet", action="store_true")

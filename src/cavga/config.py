@@ -24,11 +24,14 @@ class TrainConfig:
     lr: float = 2e-4
     d_lr: float = 5e-5  # discriminator learning rate (its own Adam)
     betas: tuple[float, float] = (0.5, 0.999)
-    # L_final = w_rec·L_R + w_kl·KL + w_adv·L_adv + w_ae·L_ae
+    # L_final = w_rec·L_R + w_kl·KL + w_adv·L_adv + w_ae·L_ae (+ w_bce·L_bce + w_cga·L_cga, weakly supervised)
     w_rec: float = 1.0
     w_kl: float = 0.01
     w_adv: float = 0.01
     w_ae: float = 0.01
+    w_bce: float = 0.001
+    w_cga: float = 0.01
+    rec_loss: str = "bce"  # "bce" (CAVGA), "l2" (AE-L2) or "ssim" (AE-SSIM)
     reduction: str = "mean"  # "sum" (paper) or "mean" over elements for L_R and KL
     real_label: float = 0.9  # one-sided label smoothing for Dis
     adv_start: float = 0.25  # fraction of the steps before the adversarial game starts
@@ -43,6 +46,10 @@ class TrainConfig:
     blur: float = 1 / 32  # Gaussian smoothing of the maps, σ as a fraction of the image size
     calib_fraction: float = 0.1  # normal training images held out to calibrate thresholds
     false_alarm_rate: float = 0.01  # target on held-out normal images for the calibrated thresholds
+    # Weakly supervised models: this fraction of the anomalous test images (seeded, at least one) moves
+    # into training with its image label only, unless `anomalous_dir` gives the user's own.
+    weak_fraction: float = 0.02
+    anomalous_dir: str | None = None
     checkpoint_every: int = 100
     device: str = "auto"
 
@@ -85,8 +92,15 @@ PRESETS: dict[str, dict[str, Any]] = {"default": {"preset": "default"}, "paper":
 
 
 def make_config(preset: str = "default", **overrides: Any) -> TrainConfig:
-    """A config from a named preset, with explicit overrides (None values are ignored)."""
+    """A config from a named preset, then the settings the model implies (its loss, the weights it
+    switches off), then explicit overrides (None values are ignored)."""
+    from cavga.networks import MODELS
+
     if preset not in PRESETS:
         raise CavgaError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    model = overrides.get("model", TrainConfig.model)
+    if model not in MODELS:
+        raise CavgaError(f"unknown model {model!r}; choose one of: {', '.join(MODELS)}")
+    values = {**PRESETS[preset], **MODELS[model].config, **overrides}
     return TrainConfig.from_dict(values)

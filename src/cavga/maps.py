@@ -15,12 +15,21 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from cavga.attention import inference_attention, multiscale_attention, nearest_stride, upsample
+from cavga.attention import (
+    advae_attention,
+    inference_attention,
+    inference_class_attention,
+    multiscale_attention,
+    nearest_stride,
+    upsample,
+)
 from cavga.config import TrainConfig
-from cavga.networks import CAVGA, ModelOutput
+from cavga.losses import ssim_map
+from cavga.networks import CAVGA, MODELS, ModelOutput
 
 MAPS: dict[str, str] = {
-    "paper": "1 − A: Grad-CAM of Σz on the last encoder stage (the paper's attention), upsampled",
+    "paper": "the model's own map as its paper defines it: 1 − A for CAVGA-u, A^anomalous for CAVGA-w, "
+    "the residual or 1 − SSIM for the autoencoders, the ADVAE attention for VAE-grad (see `cavga models`)",
     "latent-stats": "Mahalanobis distance of each position's encoder features from normal statistics, "
     "fused over scales",
     "fusion": "mean of the calibrated latent-stats and residual maps",
@@ -33,6 +42,37 @@ GRADCAM_STRIDES = (8, 16, 32)
 # Maps that pass through the normal-image calibration (raw value / normal 99th percentile).
 CALIBRATED = ("latent-stats", "residual", "fusion")
 SCALE_QUANTILE = 0.99
+
+
+def available_maps(model: CAVGA) -> tuple[str, ...]:
+    """The maps a model can make: the KL Grad-CAM needs a variational latent."""
+    return tuple(n for n in MAPS if not (n == "gradcam-kl" and model.latent.logvar is None))
+
+
+def paper_map(
+    model: CAVGA, x: torch.Tensor, out: ModelOutput
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's own map as published, (B, H, W), its image score (B,) and the attention to show
+    in panels (B, H, W): see `PAPER_MAPS` in cavga.networks.model."""
+    kind, size = MODELS[model.name].paper_map, x.shape[-1]
+    residual_score = (x - out.recon).abs().flatten(1).mean(1)  # the paper's image score s_a
+    if kind == "attention-u":
+        A = upsample(inference_attention(model, out.F), size)
+        return 1.0 - A, residual_score, A
+    if kind == "attention-w":
+        A = upsample(inference_class_attention(model, out)[1], size)
+        # C decides (its anomalous probability is the image score), A^anomalous localises.
+        return A, torch.softmax(out.class_logits, 1)[:, 1], A
+    if kind == "advae":
+        A = upsample(advae_attention(model, out.F), size)
+        return A, residual_score, A
+    if kind == "l2":
+        m = (x - out.recon).pow(2).mean(1)
+    elif kind == "ssim":
+        m = (1.0 - ssim_map(x, out.recon)).mean(1)
+    else:
+        raise ValueError(f"unknown paper map {kind!r}")
+    return m, m.flatten(1).mean(1), m
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -135,9 +175,10 @@ class MapMaker:
         cfg: TrainConfig,
         calibration: dict | None,
         device: torch.device,
-        maps: tuple[str, ...] = tuple(MAPS),
+        maps: tuple[str, ...] | None = None,
     ):
-        self.model, self.cfg, self.cal, self.device, self.maps = model, cfg, calibration, device, maps
+        self.model, self.cfg, self.cal, self.device = model, cfg, calibration, device
+        self.maps = tuple(n for n in available_maps(model) if maps is None or n in maps)
 
     @torch.no_grad()
     def raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -146,15 +187,18 @@ class MapMaker:
         x = x.to(self.device)
         size = x.shape[-1]
         out = self.model(x, sample=False)
-        A = upsample(inference_attention(self.model, out.F), size)  # (B, H, W)
+        paper, paper_score, attention = paper_map(self.model, x, out)
         diff = (x - out.recon).abs()
         res = {
             "recon": out.recon,
-            "attention": A,
-            "paper": 1.0 - A,
+            "attention": attention,  # (B, H, W)
+            "paper": paper,
+            "paper_score": paper_score,
             "residual": _blur(diff.mean(1), self.cfg),
             "residual_score": diff.flatten(1).mean(1),  # the paper's image score s_a
         }
+        if out.class_logits is not None:
+            res["class_probability"] = torch.softmax(out.class_logits, 1)[:, 1]
         # The Grad-CAM variants each cost a backward pass: computed only when asked for.
         for name, score in (
             ("gradcam-multiscale", "sum-z"),
@@ -181,9 +225,15 @@ class MapMaker:
                 res[name] = r / (1 + r)
         for name in MAPS:
             if name in res:
-                # The paper scores an image by its reconstruction error; our calibrated maps by their peak.
-                # Grad-CAM maps are scaled per image (every image has a peak of 1), so they score by s_a too.
-                score = res["residual_score"] if name not in CALIBRATED else res[name].flatten(1).amax(1)
+                # Each paper map comes with its paper's image score; our calibrated maps score by their
+                # peak; the Grad-CAM maps are scaled per image (every image peaks at 1), so they take the
+                # paper's reconstruction-error score s_a.
+                if name == "paper":
+                    score = res["paper_score"]
+                elif name in CALIBRATED:
+                    score = res[name].flatten(1).amax(1)
+                else:
+                    score = res["residual_score"]
                 res[f"score/{name}"] = score
         return res
 
@@ -217,7 +267,7 @@ def calibrate(
     train_out = [maker(xb) for xb in _batches(train_images, cfg.batch_size)]
     cal["image_thresholds"] = {}
     cal["mean_maps"] = {}
-    for name in MAPS:
+    for name in maker.maps:
         scores = torch.cat([o[f"score/{name}"] for o in calib_out])
         cal["image_thresholds"][name] = _quantile(scores, 1 - cfg.false_alarm_rate)
         cal["mean_maps"][name] = torch.cat([o[name] for o in train_out]).mean(0).cpu()

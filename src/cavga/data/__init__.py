@@ -17,6 +17,7 @@ from cavga.data.folder import (
     open_image,
     validate_images,
 )
+from cavga.data.weak import anomalous_folder, weak_split
 
 __all__ = [
     "DEFECT_TYPES",
@@ -24,6 +25,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "Sample",
+    "anomalous_folder",
     "category_dir",
     "has_masks",
     "image_to_tensor",
@@ -36,4 +38,5 @@ __all__ = [
     "make_demo_data",
     "open_image",
     "validate_images",
+    "weak_split",
 ]

@@ -266,8 +266,7 @@ def has_masks(samples: Sequence[Sample]) -> bool:
 
 
 def open_image(path: Path, what: str = "an image") -> Image.Image:
-    """Open and decode an image file; DataError naming the file when that fails."""
-    """Open and fully decode a file, turning every PIL failure into a DataError."""
+    """Open and fully decode an image file; DataError naming the file when that fails."""
     try:
         with Image.open(path) as im:
             im.load()

@@ -3,8 +3,11 @@
 Every (model, category, seed) run lives in `<out>/runs/<model>/<category>/seed<k>`; a finished
 run is never recomputed and a stopped one is resumed, so an interrupted comparison continues
 where it stopped. Results: `compare.csv`, `compare.md` (mean ± std over seeds of the per-seed mean
-over categories, every anomaly map of every model plus the image-independent reference) and
-`maps.png` (one row of maps per model and map for the same test images).
+over categories, for the chosen maps of every model plus the image-independent reference of each
+model's default map) and `maps.png` (one row per model and map for the same test images).
+
+Maps are named as in `cavga.maps.MAPS`; "default" stands for each run's own `anomaly_map` and
+"paper" for each model's map as its paper defines it, so one list fits CAVGA and the baselines.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cavga.engine.run import CHECKPOINT, load_checkpoint, load_model, resolve_de
 from cavga.engine.train import train
 from cavga.errors import CavgaError
 from cavga.maps import MAPS, MapMaker
+from cavga.networks import MODELS
 from cavga.visualize import GT_COLOR, chw_to_image, draw_contour, overlay, save_grid
 
 METRICS = ("pixel_auroc", "aupro", "pixel_iou", "image_auroc", "detection_accuracy")
@@ -50,6 +54,9 @@ def train_and_test(
     return evaluate(run, panels=False)
 
 
+DEFAULT_MAPS = ("paper", "default")
+
+
 def compare(
     data: str | Path,
     models: list[str],
@@ -57,10 +64,22 @@ def compare(
     categories: list[str] | None = None,
     seeds: int = 2,
     progress: bool = True,
+    maps: tuple[str, ...] = DEFAULT_MAPS,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """Run every model × category × seed, write the tables and the figure; returns the table rows."""
+    """Run every model × category × seed, write the tables and the figure; returns the table rows.
+
+    `maps`: which maps to tabulate and draw ("all" for every map a model makes).
+    """
     data, out = Path(data), Path(out)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise CavgaError(f"unknown model(s) {', '.join(unknown)}; choose from: {', '.join(MODELS)}")
+    bad_maps = [m for m in maps if m not in (*MAPS, "default", "all")]
+    if bad_maps:
+        raise CavgaError(
+            f"unknown map(s) {', '.join(bad_maps)}; choose from: default, all, {', '.join(MAPS)}"
+        )
     categories = categories or list_categories(data)
     cells = []
     total = len(models) * len(categories) * seeds
@@ -71,22 +90,30 @@ def compare(
                 res = train_and_test(data, cat, model, seed, out, dict(overrides), progress)
                 summary = json.loads((_run(out, model, cat, seed) / "train_summary.json").read_text())
                 cells.append({"model": model, "category": cat, "seed": seed, "result": res, "train": summary})
-    rows = table_rows(cells)
+    rows = table_rows(cells, maps)
     write_tables(rows, cells, out)
-    write_figure(cells, data, out)
+    write_figure(cells, data, out, maps)
     return rows
 
 
-def table_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def chosen_maps(result: dict[str, Any], maps: tuple[str, ...]) -> list[str]:
+    """The maps of one run to show, in order, without repeats ("default" → the run's own map)."""
+    if "all" in maps:
+        return list(result["maps"])
+    names = (result["anomaly_map"] if m == "default" else m for m in maps)
+    return [n for n in dict.fromkeys(names) if n in result["maps"]]
+
+
+def table_rows(cells: list[dict[str, Any]], maps: tuple[str, ...] = DEFAULT_MAPS) -> list[dict[str, Any]]:
     """One row per (model, map): mean and std over seeds of each seed's mean over categories."""
     rows = []
     for model in dict.fromkeys(c["model"] for c in cells):
         mine = [c for c in cells if c["model"] == model]
-        maps = [*mine[0]["result"]["maps"], REFERENCE]
         seeds = sorted({c["seed"] for c in mine})
-        for name in maps:
+        for name in [*chosen_maps(mine[0]["result"], maps), REFERENCE]:
             row: dict[str, Any] = {
                 "model": model,
+                "setting": MODELS[model].setting,
                 "map": name,
                 "default": name == mine[0]["result"]["anomaly_map"],
             }
@@ -132,7 +159,9 @@ def write_tables(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: P
     (out / "compare.md").write_text("\n".join(lines) + "\n")
 
 
-def write_figure(cells: list[dict[str, Any]], data: Path, out: Path, per_type: int = 1) -> None:
+def write_figure(
+    cells: list[dict[str, Any]], data: Path, out: Path, maps: tuple[str, ...] = DEFAULT_MAPS
+) -> None:
     """maps.png: the first category, seed 0: the first test image of each defect type, with the
     ground-truth contour, then one row per model and map."""
     cat = cells[0]["category"]
@@ -149,7 +178,9 @@ def write_figure(cells: list[dict[str, Any]], data: Path, out: Path, per_type: i
         ckpt, device = load_checkpoint(run), resolve_device("auto")
         net, cfg = load_model(ckpt, device)
         x = torch.stack([load_image(s.path, cfg.image_size, cfg.channels) for s in picked])
-        maps = MapMaker(net, cfg, ckpt["calibration"], device)(x)  # every map
+        result = next(c["result"] for c in cells if c["model"] == model and c["seed"] == 0)
+        names = chosen_maps(result, maps)
+        made = MapMaker(net, cfg, ckpt["calibration"], device, maps=tuple(names))(x)
         images = [chw_to_image(im.numpy()) for im in x]
         if not rows:
             inputs = []
@@ -158,9 +189,9 @@ def write_figure(cells: list[dict[str, Any]], data: Path, out: Path, per_type: i
                 mask = load_mask(s.mask_path, s.path, cfg.image_size)[0].numpy() if s.mask_path else None
                 inputs.append(draw_contour(rgb, mask, GT_COLOR) if mask is not None else rgb)
             rows.append(("input + truth", inputs))
-        for name in (n for n in MAPS if n in maps):
+        for name in names:
             rows.append(
-                (f"{model} {name}", [overlay(im, maps[name][i].cpu().numpy()) for i, im in enumerate(images)])
+                (f"{model} {name}", [overlay(im, made[name][i].cpu().numpy()) for i, im in enumerate(images)])
             )
     if rows:
         save_grid(

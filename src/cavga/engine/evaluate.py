@@ -14,6 +14,7 @@ from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_
 from cavga.errors import DataError, RunError
 from cavga.maps import MAPS, MapMaker
 from cavga.metrics import summarize
+from cavga.networks import MODELS
 from cavga.visualize import chw_to_image, save_panel
 
 METRIC_KEYS = ("pixel_iou", "pixel_auroc", "aupro", "image_auroc", "detection_accuracy")
@@ -34,12 +35,35 @@ def run_maps(maker: MapMaker, images: torch.Tensor, batch_size: int) -> dict[str
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def check_run_matches(ckpt: dict[str, Any], cat_dir: Path, force: bool = False) -> None:
+    """Refuse to test a run on another category than it was trained on (its normal statistics and
+    thresholds describe that category only), unless `force`."""
+    trained = ckpt["data"].get("category_name")
+    if trained and cat_dir.resolve().name != trained and not force:
+        raise RunError(
+            f"the run holds model {ckpt['model_name']} ({ckpt.get('setting', 'unsupervised')}) trained on "
+            f"category {trained!r} of {ckpt['data']['root']}, but {cat_dir} is category "
+            f"{cat_dir.resolve().name!r}; train a run for it, or pass --force to test anyway"
+        )
+
+
+def test_samples(ckpt: dict[str, Any], cat_dir: Path) -> tuple[list, int]:
+    """The test split without the images the run trained on (the weakly supervised 2 %)."""
+    samples = list_split(cat_dir, "test")
+    trained_on = set(ckpt["data"].get("anomalous_files") or ())
+    kept = [s for s in samples if str(s.path.resolve()) not in trained_on]
+    if not kept:
+        raise DataError(f"{cat_dir / 'test'}: every test image was used for training")
+    return kept, len(samples) - len(kept)
+
+
 def evaluate(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
     category: str | None = None,
     panels: bool = True,
     device: str = "auto",
+    force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run on `<category>/test` (data and category default to the training ones).
 
@@ -58,7 +82,9 @@ def evaluate(
     model, cfg = load_model(ckpt, dev)
     root = data_dir or ckpt["data"]["root"]
     category = category if category is not None else ckpt["data"]["category"]
-    samples = list_split(category_dir(root, category), "test")
+    cat_dir = category_dir(root, category)
+    check_run_matches(ckpt, cat_dir, force)
+    samples, n_removed = test_samples(ckpt, cat_dir)
     check_channels(infer_channels(samples), cfg.channels, str(samples[0].path.parent.parent))
     t0 = time.perf_counter()
     images = torch.stack([load_image(s.path, cfg.image_size, cfg.channels) for s in samples])
@@ -82,7 +108,7 @@ def evaluate(
     def metrics_of(maps: np.ndarray, scores: np.ndarray) -> dict:
         return summarize(maps, masks, scores, labels, types, map_threshold=0.5)
 
-    per_map = {name: metrics_of(out[name], out[f"score/{name}"]) for name in MAPS}
+    per_map = {name: metrics_of(out[name], out[f"score/{name}"]) for name in MAPS if name in out}
     chosen = cfg.anomaly_map
     mean_map = ckpt["calibration"]["mean_maps"][chosen].numpy()
     constant = np.broadcast_to(mean_map, out[chosen].shape)
@@ -97,11 +123,13 @@ def evaluate(
         **{k: per_map[chosen]["overall"][k] for k in METRIC_KEYS},
         "anomaly_map": chosen,
         "model": cfg.model,
+        "setting": MODELS[cfg.model].setting,
         "preset": cfg.preset,
         "image_size": cfg.image_size,
         "data": str(Path(root).resolve()),
         "category": category,
         "n_images": len(samples),
+        "n_removed_for_training": n_removed,
         "has_masks": with_masks,
         "image_threshold": threshold,
         "detection_accuracy_calibrated": calibrated["overall"]["detection_accuracy"],
@@ -111,6 +139,10 @@ def evaluate(
         "seconds": round(seconds, 2),
         "images_per_second": round(len(samples) / seconds, 2),
     }
+    if "class_probability" in out:
+        # CAVGA-w: C decides (probability ≥ 0.5 is anomalous), as in the paper.
+        decided = summarize(None, None, out["class_probability"], labels, types, image_threshold=0.5)
+        result["classifier_detection_accuracy"] = decided["overall"]["detection_accuracy"]
     write_json(run / "metrics.json", result)
     if panels:
         write_panels(run / "panels", samples, images, out, chosen, masks)

@@ -1,4 +1,5 @@
-"""The unsupervised CAVGA training loop: VAE + a real adversarial game + attention expansion."""
+"""The training loop of every model: VAE + a real adversarial game + attention expansion (CAVGA-u),
+or + classifier and complementary guided attention (CAVGA-w), or the parts a baseline keeps."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cavga.attention import attention_expansion_loss, latent_attention
+from cavga.attention import attention_expansion_loss, class_attention, latent_attention
 from cavga.config import TrainConfig
-from cavga.data import category_dir, infer_channels, list_split, load_image
+from cavga.data import anomalous_folder, category_dir, infer_channels, list_split, load_image, weak_split
 from cavga.engine.run import (
     CHECKPOINT,
     build_model,
@@ -24,27 +25,49 @@ from cavga.engine.run import (
 )
 from cavga.errors import DataError, RunError
 from cavga.losses import (
+    classifier_loss,
+    complementary_guided_attention_loss,
     discriminator_loss,
     generator_adversarial_loss,
     kl_divergence,
     reconstruction_loss,
 )
-from cavga.maps import MAPS, calibrate
+from cavga.maps import MAPS, available_maps, calibrate
+from cavga.networks import MODELS
+
+LOSSES = ("loss", "rec", "kl", "adv_g", "adv_d", "ae", "bce", "cga")
 
 
 @dataclass
 class TrainData:
-    """Normal training images in memory, split into a training part and a calibration hold-out."""
+    """Training images in memory, and normal images held out for calibration."""
 
-    train: torch.Tensor  # (N, C, H, W) in [0, 1]
-    calib: torch.Tensor  # (M, C, H, W), never trained on; thresholds come from these
+    train: torch.Tensor  # (N, C, H, W) in [0, 1]: the normal images, then any anomalous ones
+    labels: torch.Tensor  # (N,) 0 normal, 1 anomalous (image labels only, weakly supervised)
+    calib: torch.Tensor  # (M, C, H, W) normal, never trained on; thresholds come from these
     train_files: list[str]
     calib_files: list[str]
+    anomalous_files: list[str]  # absolute paths; evaluation leaves them out of the test set
     channels: int
+
+    @property
+    def normal(self) -> torch.Tensor:
+        """The normal training images (normal statistics must not see the anomalous ones)."""
+        return self.train[self.labels == 0]
+
+
+def weak_training_files(data_dir: str | Path, category: str | None, cfg: TrainConfig) -> list[Path]:
+    """The anomalous training images of a weakly supervised run: the user's folder, or the paper's
+    seeded 2 % of the category's anomalous test images. Only file paths: masks are never read."""
+    if cfg.anomalous_dir:
+        return anomalous_folder(cfg.anomalous_dir)
+    tests = list_split(category_dir(data_dir, category), "test")
+    return [s.path for s in weak_split(tests, cfg.weak_fraction, cfg.seed)]
 
 
 def load_train_data(data_dir: str | Path, category: str | None, cfg: TrainConfig) -> TrainData:
-    """Read `train/good` of a category, resize, and hold out `calib_fraction` of it (seeded)."""
+    """Read `train/good` of a category, resize, and hold out `calib_fraction` of it (seeded); for a
+    weakly supervised model add its anomalous training images with label 1."""
     samples = list_split(category_dir(data_dir, category), "train")
     if len(samples) < 2:
         raise DataError(
@@ -58,11 +81,19 @@ def load_train_data(data_dir: str | Path, category: str | None, cfg: TrainConfig
     if not cal_idx:  # too few images to spare any: calibrate on the training images themselves
         cal_idx = train_idx
     names = [str(s.path) for s in samples]
+    train_images, labels, anomalous = images[train_idx], torch.zeros(len(train_idx), dtype=torch.long), []
+    if MODELS[cfg.model].setting == "weakly-supervised":
+        anomalous = weak_training_files(data_dir, category, cfg)
+        extra = torch.stack([load_image(p, cfg.image_size, channels) for p in anomalous])
+        train_images = torch.cat([train_images, extra])
+        labels = torch.cat([labels, torch.ones(len(extra), dtype=torch.long)])
     return TrainData(
-        images[train_idx],
+        train_images,
+        labels,
         images[cal_idx],
         [names[i] for i in train_idx],
         [names[i] for i in cal_idx],
+        [str(p.resolve()) for p in anomalous],
         channels,
     )
 
@@ -115,6 +146,8 @@ def train(
         raise RunError(
             f"unknown attention / anomaly map {cfg.anomaly_map!r}; choose one of: {', '.join(MAPS)}"
         )
+    if cfg.model not in MODELS:
+        raise RunError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     data = load_train_data(data_dir, category, cfg)
@@ -124,36 +157,54 @@ def train(
         )
     cfg.channels = data.channels
     model = build_model(cfg, cfg.weights if ckpt is None else None).to(device)
+    if cfg.anomaly_map not in available_maps(model):
+        raise RunError(f"model {cfg.model} cannot make the {cfg.anomaly_map!r} map")
     opt_g = torch.optim.Adam(model.generator_parameters(), lr=cfg.lr, betas=cfg.betas)
-    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.d_lr, betas=cfg.betas)
+    opt_d = None
+    if model.discriminator is not None:
+        opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.d_lr, betas=cfg.betas)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
+        if opt_d is not None:
+            opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
     total = total_steps(cfg, len(data.train))
     adv_from = int(cfg.adv_start * total)
     run.mkdir(parents=True, exist_ok=True)
+    spec = MODELS[cfg.model]
     meta = {
         "root": str(Path(data_dir).resolve()),
         "category": category,
+        "category_name": category_dir(data_dir, category).resolve().name,
         "train_files": data.train_files,
         "calib_files": data.calib_files,
+        "anomalous_files": data.anomalous_files,
+        "anomalous_source": (cfg.anomalous_dir or "test split") if data.anomalous_files else None,
     }
-    write_json(run / "config.json", {"config": cfg.to_dict(), "data": meta, "setting": "unsupervised"})
+    write_json(
+        run / "config.json",
+        {
+            "model": cfg.model,
+            "setting": spec.setting,
+            "description": spec.description,
+            "config": cfg.to_dict(),
+            "data": meta,
+        },
+    )
 
     def state(calibration: dict | None = None) -> dict:
         return {
             "model": model.state_dict(),
             "opt_g": opt_g.state_dict(),
-            "opt_d": opt_d.state_dict(),
+            "opt_d": opt_d.state_dict() if opt_d is not None else None,
             "config": cfg.to_dict(),
             "step": step,
             "rng": torch.get_rng_state(),
             "model_name": cfg.model,
-            "setting": "unsupervised",
+            "setting": spec.setting,
             "data": meta,
             "calibration": calibration,
         }
@@ -163,27 +214,26 @@ def train(
     with log_path.open("w" if new_log else "a", newline="") as log_file:
         log = csv.writer(log_file)
         if new_log:
-            log.writerow(["step", "loss", "rec", "kl", "adv_g", "adv_d", "ae", "seconds"])
+            log.writerow(["step", *LOSSES, "seconds"])
         bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {cfg.model}", unit="step")
         t0, first_step = time.perf_counter(), step
         model.train()
         try:
             while step < total:
-                x = data.train[batch_indices(len(data.train), cfg.batch_size, step, cfg.seed)].to(device)
-                losses = train_step(
-                    model, x, cfg, opt_g, opt_d, adversarial=step >= adv_from and cfg.w_adv > 0
-                )
+                idx = batch_indices(len(data.train), cfg.batch_size, step, cfg.seed)
+                x, y = data.train[idx].to(device), data.labels[idx].to(device)
+                losses = train_step(model, x, y, cfg, opt_g, opt_d, adversarial=step >= adv_from)
                 step += 1
                 log.writerow(
                     [
                         step,
-                        *(f"{losses[k]:.6g}" for k in ("loss", "rec", "kl", "adv_g", "adv_d", "ae")),
+                        *(f"{losses[k]:.6g}" for k in LOSSES),
                         f"{time.perf_counter() - t0:.2f}",
                     ]
                 )
                 log_file.flush()  # so a stopped run's log is complete up to its last step
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss"})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss" and v})
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                     save_checkpoint(run / CHECKPOINT, state())
         except KeyboardInterrupt:
@@ -195,7 +245,7 @@ def train(
         bar.close()
     train_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    calibration = calibrate(model, cfg, data.train, data.calib, device)
+    calibration = calibrate(model, cfg, data.normal, data.calib, device)
     images = (step - first_step) * min(cfg.batch_size, len(data.train))
     write_json(
         run / "train_summary.json",
@@ -209,6 +259,7 @@ def train(
             "image_size": cfg.image_size,
             "batch_size": min(cfg.batch_size, len(data.train)),
             "n_train": len(data.train),
+            "n_anomalous_train": len(data.anomalous_files),
             "n_calib": len(data.calib),
         },
     )
@@ -219,36 +270,43 @@ def train(
 def train_step(
     model,
     x: torch.Tensor,
+    labels: torch.Tensor,
     cfg: TrainConfig,
     opt_g: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer | None,
     adversarial: bool,
 ) -> dict[str, float]:
-    """One discriminator step (when the game is on), then one encoder/decoder step."""
+    """One discriminator step (when the model has one and the game is on), then one step of the rest.
+
+    Every term whose weight is 0, or whose part the model lacks, is skipped and logged as 0.
+    """
     out = model(x)  # z sampled
-    adv_d = adv_g = torch.zeros((), device=x.device)
-    if adversarial:
+    zero = torch.zeros((), device=x.device)
+    terms = dict.fromkeys(LOSSES[1:], zero)
+    if adversarial and opt_d is not None and cfg.w_adv > 0:
         # Dis sees x̂ detached: its step must not move the encoder or decoder.
-        adv_d = discriminator_loss(
+        terms["adv_d"] = discriminator_loss(
             model.discriminator(x), model.discriminator(out.recon.detach()), cfg.real_label
         )
         opt_d.zero_grad(set_to_none=True)
-        adv_d.backward()
+        terms["adv_d"].backward()
         opt_d.step()
-        adv_g = generator_adversarial_loss(model.discriminator(out.recon))
-    rec = reconstruction_loss(out.logits, x, cfg.reduction)
-    kl = kl_divergence(out.mu, out.logvar, cfg.reduction)
-    ae = attention_expansion_loss(latent_attention(out)) if cfg.w_ae > 0 else torch.zeros((), device=x.device)
-    loss = cfg.w_rec * rec + cfg.w_kl * kl + cfg.w_adv * adv_g + cfg.w_ae * ae
+        terms["adv_g"] = generator_adversarial_loss(model.discriminator(out.recon))
+    terms["rec"] = reconstruction_loss(out.logits, x, cfg.reduction, cfg.rec_loss)
+    if out.logvar is not None and cfg.w_kl > 0:
+        terms["kl"] = kl_divergence(out.mu, out.logvar, cfg.reduction)
+    if cfg.w_ae > 0:
+        terms["ae"] = attention_expansion_loss(latent_attention(out))
+    if out.class_logits is not None:
+        terms["bce"] = classifier_loss(out.class_logits, labels)
+        if cfg.w_cga > 0:
+            terms["cga"] = complementary_guided_attention_loss(
+                *class_attention(out), out.class_logits, labels
+            )
+    weights = {"rec": cfg.w_rec, "kl": cfg.w_kl, "adv_g": cfg.w_adv, "ae": cfg.w_ae, "bce": cfg.w_bce}
+    loss = sum(w * terms[k] for k, w in weights.items()) + cfg.w_cga * terms["cga"]
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
     # The generator's backward also left gradients in Dis; its own step clears them first.
-    return {
-        "loss": loss.item(),
-        "rec": rec.item(),
-        "kl": kl.item(),
-        "adv_g": adv_g.item(),
-        "adv_d": adv_d.item(),
-        "ae": ae.item(),
-    }
+    return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}

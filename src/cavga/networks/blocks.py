@@ -12,21 +12,55 @@ class ConvLatent(nn.Module):
     """Convolutional latent: 1×1 convs give μ and log σ² on the encoder's h×w grid.
 
     Keeping the grid is what lets attention on z point at image regions (the paper's "conv z").
+    `variational=False` gives a plain autoencoder's deterministic code (no log σ²).
     """
 
-    def __init__(self, in_channels: int, latent_channels: int):
+    def __init__(self, in_channels: int, latent_channels: int, variational: bool = True):
         super().__init__()
         self.mu = nn.Conv2d(in_channels, latent_channels, 1)
-        self.logvar = nn.Conv2d(in_channels, latent_channels, 1)
+        self.logvar = nn.Conv2d(in_channels, latent_channels, 1) if variational else None
         self.out_channels = latent_channels
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mu(features), self.logvar(features)  # (B, Z, h, w) each
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logvar = self.logvar(features) if self.logvar is not None else None
+        return self.mu(features), logvar  # (B, Z, h, w) each
+
+    def to_grid(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: z already is a grid."""
+        return z
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, sample: bool) -> torch.Tensor:
-    """z = μ + σ·ε while training, z = μ at inference."""
-    if not sample:
+class FlatLatent(nn.Module):
+    """Flattened latent (the paper's ablation R*, and the baselines' bottleneck): flatten F, a fully
+    connected layer to a `dim`-d z, and one back to a `out_channels`×h×w grid for the decoder."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        grid: int,
+        out_channels: int,
+        dim: int = 100,
+        variational: bool = True,
+    ):
+        super().__init__()
+        n_in = in_channels * grid * grid
+        self.mu = nn.Linear(n_in, dim)
+        self.logvar = nn.Linear(n_in, dim) if variational else None
+        self.expand = nn.Linear(dim, out_channels * grid * grid)
+        self.grid, self.out_channels = grid, out_channels
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        flat = features.flatten(1)
+        logvar = self.logvar(flat) if self.logvar is not None else None
+        return self.mu(flat), logvar  # (B, dim) each
+
+    def to_grid(self, z: torch.Tensor) -> torch.Tensor:
+        return self.expand(z).view(len(z), self.out_channels, self.grid, self.grid)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor | None, sample: bool) -> torch.Tensor:
+    """z = μ + σ·ε while training, z = μ at inference (and always for a deterministic code)."""
+    if not sample or logvar is None:
         return mu
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 

@@ -1,15 +1,22 @@
-"""The CAVGA network (encoder → convolutional z → decoder, plus a discriminator) and its registry."""
+"""The CAVGA network (encoder → z → decoder, discriminator, classifier), and the registry of every
+model: the four CAVGA variants, the paper's ablations and the baselines."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from cavga.errors import CavgaError
-from cavga.networks.blocks import ConvLatent, DCGANDiscriminator, init_dcgan_weights, reparameterize
+from cavga.networks.blocks import (
+    ConvLatent,
+    DCGANDiscriminator,
+    FlatLatent,
+    init_dcgan_weights,
+    reparameterize,
+)
 from cavga.networks.dcgan import DCGANDecoder, DCGANEncoder
 from cavga.networks.resnet import ResidualDecoder, ResNetEncoder
 
@@ -20,15 +27,18 @@ class ModelOutput:
 
     features: dict[int, torch.Tensor]  # encoder stages keyed by stride
     F: torch.Tensor  # (B, K, h, w) last encoder stage, the Grad-CAM feature map
-    mu: torch.Tensor  # (B, Z, h, w)
-    logvar: torch.Tensor  # (B, Z, h, w)
-    z: torch.Tensor  # (B, Z, h, w)
+    mu: torch.Tensor  # (B, Z, h, w) for a convolutional z, (B, Z) for a flattened one
+    logvar: torch.Tensor | None  # like mu; None for a plain (deterministic) autoencoder
+    z: torch.Tensor  # like mu
     logits: torch.Tensor  # (B, C, H, W) decoder output before the sigmoid
     recon: torch.Tensor  # (B, C, H, W) x̂ in [0, 1]
+    class_logits: torch.Tensor | None = None  # (B, 2) [normal, anomalous] from C, weakly supervised only
 
 
 class CAVGA(nn.Module):
-    """Convolutional adversarial VAE: encoder E, latent heads, decoder G and discriminator Dis."""
+    """Adversarial VAE: encoder E, latent heads, decoder G, and optionally the discriminator Dis and
+    the classifier C on the flattened z (weakly supervised). The baselines are the same module with
+    parts left out, so every model goes through one engine."""
 
     def __init__(
         self,
@@ -36,7 +46,8 @@ class CAVGA(nn.Module):
         encoder: nn.Module,
         latent: nn.Module,
         decoder: nn.Module,
-        discriminator: nn.Module,
+        discriminator: nn.Module | None = None,
+        classifier: nn.Module | None = None,
     ):
         super().__init__()
         self.name = name
@@ -44,10 +55,17 @@ class CAVGA(nn.Module):
         self.latent = latent
         self.decoder = decoder
         self.discriminator = discriminator
+        self.classifier = classifier
 
     def generator_parameters(self) -> list[nn.Parameter]:
-        """Parameters of E, the latent heads and G (the discriminator has its own optimizer)."""
-        return [p for m in (self.encoder, self.latent, self.decoder) for p in m.parameters()]
+        """Parameters of E, the latent heads, G and C (the discriminator has its own optimizer)."""
+        parts = (self.encoder, self.latent, self.decoder, self.classifier)
+        return [p for m in parts if m is not None for p in m.parameters()]
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """C: z (a clone, flattened to z_fc, so gradients still reach the encoder) → 2 logits."""
+        assert self.classifier is not None
+        return self.classifier(z.flatten(1))
 
     def forward(self, x: torch.Tensor, sample: bool | None = None) -> ModelOutput:
         """Encode, sample z (while training unless `sample` says otherwise) and decode."""
@@ -56,32 +74,36 @@ class CAVGA(nn.Module):
         F = feats[max(feats)]
         mu, logvar = self.latent(F)
         z = reparameterize(mu, logvar, sample)
-        logits = self.decoder(z)
-        return ModelOutput(feats, F, mu, logvar, z, logits, torch.sigmoid(logits))
+        logits = self.decoder(self.latent.to_grid(z))
+        class_logits = self.classify(z) if self.classifier is not None else None
+        return ModelOutput(feats, F, mu, logvar, z, logits, torch.sigmoid(logits), class_logits)
+
+
+# How each model's own anomaly map (the map named "paper") is made; see cavga.maps.
+PAPER_MAPS = {
+    "attention-u": "1 − A, A the Grad-CAM of Σz on the last encoder stage (CAVGA-u)",
+    "attention-w": "A^anomalous, the Grad-CAM of C's anomalous logit on z (CAVGA-w)",
+    "l2": "squared residual (x − x̂)² averaged over channels (AE-L2)",
+    "ssim": "1 − SSIM(x, x̂), 11×11 Gaussian window σ 1.5, averaged over channels (AE-SSIM)",
+    "advae": "mean over latent dimensions of the Grad-CAM of each z_i on the last encoder stage (ADVAE)",
+}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: how to build it and what it is."""
+    """A registered model: how to build it, what it is, and the training settings it implies."""
 
     name: str
     backbone: str  # "resnet" or "dcgan"
-    setting: str  # "unsupervised" (weakly supervised models come with the CAVGA-w work)
+    setting: str  # "unsupervised" or "weakly-supervised" (uses a few labelled anomalous images)
     description: str
     build: Callable[..., CAVGA]
+    paper_map: str  # key of PAPER_MAPS
+    config: dict = field(default_factory=dict)  # TrainConfig values the model implies (loss, weights)
+    family: str = "cavga"  # "cavga", "ablation" or "baseline"
 
 
 MODELS: dict[str, ModelSpec] = {}
-
-
-def register_model(name: str, backbone: str, setting: str, description: str):
-    """Decorator: add a factory to MODELS under `name`."""
-
-    def wrap(fn: Callable[..., CAVGA]) -> Callable[..., CAVGA]:
-        MODELS[name] = ModelSpec(name, backbone, setting, description, fn)
-        return fn
-
-    return wrap
 
 
 def check_image_size(backbone: str, image_size: int) -> None:
@@ -92,50 +114,207 @@ def check_image_size(backbone: str, image_size: int) -> None:
         raise CavgaError(f"CAVGA-D needs an image size that is a power of two ≥ 32 (got {image_size})")
 
 
-@register_model(
-    "cavga-ru",
-    "resnet",
-    "unsupervised",
-    "CAVGA-Ru: ResNet-18 encoder, conv z, residual decoder, DCGAN discriminator",
-)
-def cavga_ru(
+def build_network(
+    name: str,
+    backbone: str,
     image_size: int,
     channels: int,
-    latent_channels: int = 512,
-    weights: str | None = None,
-    disc_width: int = 64,
-) -> CAVGA:
-    check_image_size("resnet", image_size)
-    enc = ResNetEncoder(channels, weights)
-    dis = DCGANDiscriminator(channels, image_size, disc_width)
-    dec = ResidualDecoder(latent_channels, channels)
-    init_dcgan_weights(dis)
-    return CAVGA("cavga-ru", enc, ConvLatent(enc.out_channels, latent_channels), dec, dis)
-
-
-@register_model(
-    "cavga-du",
-    "dcgan",
-    "unsupervised",
-    "CAVGA-Du: DCGAN encoder and generator, conv z, DCGAN discriminator",
-)
-def cavga_du(
-    image_size: int,
-    channels: int,
-    latent_channels: int = 256,
+    *,
+    flat: bool = False,
+    variational: bool = True,
+    adversarial: bool = True,
+    weakly: bool = False,
+    latent_channels: int | None = None,
+    latent_dim: int = 100,
     weights: str | None = None,
     disc_width: int = 64,
     width: int = 64,
 ) -> CAVGA:
-    check_image_size("dcgan", image_size)
-    if weights:
-        raise CavgaError("--weights applies to the ResNet-18 encoder of CAVGA-R models only")
-    enc = DCGANEncoder(channels, image_size, width)
-    dec = DCGANDecoder(latent_channels, channels, image_size, width)
-    dis = DCGANDiscriminator(channels, image_size, disc_width)
-    net = CAVGA("cavga-du", enc, ConvLatent(enc.out_channels, latent_channels), dec, dis)
-    init_dcgan_weights(net)
+    """Assemble a network: ResNet-18 or DCGAN encoder, a convolutional or flattened (`flat`, 100-d)
+    latent, the matching decoder, a discriminator when `adversarial`, the classifier C when `weakly`."""
+    check_image_size(backbone, image_size)
+    if backbone == "resnet":
+        enc: nn.Module = ResNetEncoder(channels, weights)
+        latent_channels = latent_channels or 512
+        dec: nn.Module = ResidualDecoder(latent_channels, channels)
+    else:
+        if weights:
+            raise CavgaError("--weights applies to the ResNet-18 encoder of CAVGA-R models only")
+        enc = DCGANEncoder(channels, image_size, width)
+        latent_channels = latent_channels or 256
+        dec = DCGANDecoder(latent_channels, channels, image_size, width)
+    grid = image_size // enc.stride
+    if flat:
+        latent: nn.Module = FlatLatent(enc.out_channels, grid, latent_channels, latent_dim, variational)
+        z_size = latent_dim
+    else:
+        latent = ConvLatent(enc.out_channels, latent_channels, variational)
+        z_size = latent_channels * grid * grid
+    dis = DCGANDiscriminator(channels, image_size, disc_width) if adversarial else None
+    clf = nn.Linear(z_size, 2) if weakly else None
+    net = CAVGA(name, enc, latent, dec, dis, clf)
+    # DCGAN initialisation everywhere except a ResNet encoder, whose own init (or ImageNet weights) stays.
+    for part in (dis,) if backbone == "resnet" else (net,):
+        if part is not None:
+            init_dcgan_weights(part)
     return net
+
+
+def register_model(
+    name: str,
+    backbone: str,
+    setting: str,
+    description: str,
+    paper_map: str,
+    family: str = "cavga",
+    config: dict | None = None,
+    **arch,
+) -> None:
+    """Add a model to MODELS: `arch` goes to `build_network`, `config` to the run's TrainConfig."""
+
+    def build(image_size: int, channels: int, **kwargs) -> CAVGA:
+        return build_network(name, backbone, image_size, channels, **arch, **kwargs)
+
+    MODELS[name] = ModelSpec(name, backbone, setting, description, build, paper_map, config or {}, family)
+
+
+U, W = "unsupervised", "weakly-supervised"
+NO_CLF = {"w_bce": 0.0, "w_cga": 0.0}
+WEAK = {"w_ae": 0.0}  # the weakly supervised objective has L_cga in place of L_ae (paper eq. 6)
+# The four CAVGA variants.
+register_model(
+    "cavga-ru",
+    "resnet",
+    U,
+    "CAVGA-Ru: ResNet-18 encoder, conv z, residual decoder, L_ae",
+    "attention-u",
+    config=NO_CLF,
+)
+register_model(
+    "cavga-du",
+    "dcgan",
+    U,
+    "CAVGA-Du: DCGAN encoder and generator, conv z, L_ae",
+    "attention-u",
+    config=NO_CLF,
+)
+register_model(
+    "cavga-rw",
+    "resnet",
+    W,
+    "CAVGA-Rw: CAVGA-R with classifier C on z, L_bce and L_cga",
+    "attention-w",
+    config=WEAK,
+    weakly=True,
+)
+register_model(
+    "cavga-dw",
+    "dcgan",
+    W,
+    "CAVGA-Dw: CAVGA-D with classifier C on z, L_bce and L_cga",
+    "attention-w",
+    config=WEAK,
+    weakly=True,
+)
+# The paper's Table 8 ablations (all CAVGA-R): flattened 100-d z (R*), and without the attention loss.
+register_model(
+    "cavga-ru-flat",
+    "resnet",
+    U,
+    "CAVGA-R*u (ablation): flattened 100-d z, L_ae",
+    "attention-u",
+    "ablation",
+    NO_CLF,
+    flat=True,
+)
+register_model(
+    "cavga-ru-noae",
+    "resnet",
+    U,
+    "CAVGA-Ru without L_ae (ablation)",
+    "attention-u",
+    "ablation",
+    {**NO_CLF, "w_ae": 0.0},
+)
+register_model(
+    "cavga-ru-flat-noae",
+    "resnet",
+    U,
+    "CAVGA-R*u without L_ae (ablation)",
+    "attention-u",
+    "ablation",
+    {**NO_CLF, "w_ae": 0.0},
+    flat=True,
+)
+register_model(
+    "cavga-rw-flat",
+    "resnet",
+    W,
+    "CAVGA-R*w (ablation): flattened 100-d z, L_bce and L_cga",
+    "attention-w",
+    "ablation",
+    WEAK,
+    flat=True,
+    weakly=True,
+)
+register_model(
+    "cavga-rw-nocga",
+    "resnet",
+    W,
+    "CAVGA-Rw without L_cga (ablation)",
+    "attention-w",
+    "ablation",
+    {**WEAK, "w_cga": 0.0},
+    weakly=True,
+)
+register_model(
+    "cavga-rw-flat-nocga",
+    "resnet",
+    W,
+    "CAVGA-R*w without L_cga (ablation)",
+    "attention-w",
+    "ablation",
+    {**WEAK, "w_cga": 0.0},
+    flat=True,
+    weakly=True,
+)
+# Baselines the paper compares with, in the same engine (see docs/method.md).
+BASELINE = {**NO_CLF, "w_adv": 0.0, "w_ae": 0.0, "anomaly_map": "paper"}
+register_model(
+    "ae-l2",
+    "dcgan",
+    U,
+    "AE-L2 baseline: convolutional autoencoder, 100-d code, L2 loss, squared-residual map",
+    "l2",
+    "baseline",
+    {**BASELINE, "w_kl": 0.0, "rec_loss": "l2"},
+    flat=True,
+    variational=False,
+    adversarial=False,
+)
+register_model(
+    "ae-ssim",
+    "dcgan",
+    U,
+    "AE-SSIM baseline (Bergmann et al.): the AE-L2 network trained with SSIM loss, 1 − SSIM map",
+    "ssim",
+    "baseline",
+    {**BASELINE, "w_kl": 0.0, "rec_loss": "ssim"},
+    flat=True,
+    variational=False,
+    adversarial=False,
+)
+register_model(
+    "vae-grad",
+    "resnet",
+    U,
+    "VAE-grad baseline (ADVAE family): ResNet-18 VAE, 100-d z, Grad-CAM attention of every z_i",
+    "advae",
+    "baseline",
+    BASELINE,
+    flat=True,
+    adversarial=False,
+)
 
 
 def create_model(name: str, image_size: int, channels: int, **kwargs) -> CAVGA:
