@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cavga.attention import attention_expansion_loss, grad_cam, inference_attention, latent_attention
+from cavga.attention import (
+    EPS,
+    advae_attention,
+    attention_expansion_loss,
+    class_attention,
+    grad_cam,
+    inference_attention,
+    inference_class_attention,
+    latent_attention,
+)
 from cavga.config import make_config
 from cavga.engine.train import train_step
 from cavga.networks import create_model
@@ -119,3 +128,65 @@ def test_attention_expansion_loss_is_mean_of_one_minus_attention():
     assert attention_expansion_loss(torch.zeros(2, 3, 3)).item() == 1.0
     A = torch.tensor([[[0.0, 0.5], [1.0, 0.25]], [[1.0, 1.0], [1.0, 1.0]]])
     assert attention_expansion_loss(A).item() == pytest.approx((1.0 + 0.5 + 0.0 + 0.75) / 8)
+
+
+def _normalise(cam: torch.Tensor) -> torch.Tensor:
+    cam = torch.relu(cam)
+    return cam / (cam.amax(dim=(1, 2), keepdim=True) + EPS)
+
+
+def test_class_attention_of_a_conv_z_by_hand():
+    """C is linear on the flattened z, so ∂y_c/∂z is C's weight row c laid out as (Z, h, w):
+    α^c_k = mean_ij W_c[k, i, j] and A^c = ReLU(Σ_k α^c_k z_k) / max, for each class."""
+    torch.manual_seed(0)
+    model = create_model("cavga-dw", 32, 1, latent_channels=4).eval()
+    out = model(torch.rand(3, 1, 32, 32), sample=False)
+    a_normal, a_anom = class_attention(out, create_graph=False)
+    W = model.classifier.weight.detach().view(2, *out.z.shape[1:])  # (2, Z, h, w)
+    z = out.z.detach()
+    for c, got in enumerate((a_normal, a_anom)):
+        alpha = W[c].mean(dim=(1, 2))  # (Z,)
+        expected = _normalise(torch.einsum("k,bkhw->bhw", alpha, z))
+        torch.testing.assert_close(got.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "size"), [("cavga-dw", 32), ("cavga-rw", 64), ("cavga-rw-flat", 64)])
+def test_class_attention_maps_differ_and_follow_their_own_logit(name, size):
+    """A^normal ≠ A^anomalous; changing only C's anomalous row changes A^anomalous and leaves
+    A^normal exactly as it was (and the reverse); inference gives the same maps at z = μ."""
+    torch.manual_seed(0)
+    model = create_model(name, size, 1, latent_channels=8).eval()
+    x = torch.rand(4, 1, size, size)
+    out = model(x, sample=False)
+    a_n, a_a = (a.detach() for a in class_attention(out, create_graph=False))
+    assert not torch.allclose(a_n, a_a)
+    for a_i, a_ref in zip(inference_class_attention(model, out), (a_n, a_a), strict=True):
+        torch.testing.assert_close(a_i, a_ref, atol=1e-6, rtol=1e-5)
+    for row in (1, 0):
+        with torch.no_grad():
+            model.classifier.weight[row] = torch.randn_like(model.classifier.weight[row])
+        b_n, b_a = inference_class_attention(model, model(x, sample=False))
+        changed, kept = (b_a, b_n) if row == 1 else (b_n, b_a)
+        before_changed, before_kept = (a_a, a_n) if row == 1 else (a_n, a_a)
+        assert not torch.allclose(changed, before_changed)
+        torch.testing.assert_close(kept, before_kept, atol=1e-6, rtol=1e-5)
+        a_n, a_a = b_n, b_a
+
+
+def test_advae_attention_equals_one_grad_cam_per_latent_dimension():
+    """The batched ADVAE map is the mean over z_i of ReLU(Grad-CAM of z_i), each computed alone, then
+    scaled per image to a maximum of 1."""
+    torch.manual_seed(0)
+    model = create_model("vae-grad", 64, 1).eval()
+    out = model(torch.rand(2, 1, 64, 64), sample=False)
+    got = advae_attention(model, out.F)
+    F = out.F.detach().requires_grad_(True)
+    mu = model.latent(F)[0]
+    cams = []
+    for i in range(mu.shape[1]):
+        (g,) = torch.autograd.grad(mu[:, i].sum(), F, retain_graph=True)
+        cams.append(torch.relu((g.mean(dim=(2, 3), keepdim=True) * F).sum(1)))
+    expected = torch.stack(cams).mean(0).detach()
+    expected = expected / (expected.amax(dim=(1, 2), keepdim=True) + EPS)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert got.shape == (2, 2, 2) and got.amax() <= 1.0

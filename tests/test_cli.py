@@ -14,6 +14,7 @@ from cavga.data import make_demo_data
 from cavga.engine import train as train_mod
 from cavga.engine.run import load_checkpoint
 from cavga.engine.train import batch_indices
+from cavga.networks import MODELS
 
 SIZE = 32
 
@@ -55,14 +56,20 @@ def train_args(data: Path, out: Path, model: str, steps: int = 3, *extra: str) -
     ]
 
 
-@pytest.mark.parametrize("model", ["cavga-ru", "cavga-du"])
+@pytest.mark.parametrize("model", list(MODELS))
 def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> None:
-    """Each variant trains a few steps, evaluates with every metric, and predicts on files and folders."""
+    """Every model in `cavga models` trains a few steps, records its model and setting, evaluates
+    with every metric (without the images a weakly supervised run trained on), and predicts on
+    files and folders."""
     run = tmp_path / "run"
     assert main(train_args(data, run, model)) == 0
     ckpt = load_checkpoint(run)
     assert ckpt["step"] == 3 and ckpt["model_name"] == model and ckpt["calibration"] is not None
     assert {"model", "opt_g", "opt_d", "config", "step", "version"} <= set(ckpt)
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["model"], recorded["setting"]) == (model, MODELS[model].setting)
+    weak = MODELS[model].setting == "weakly-supervised"
+    assert len(ckpt["data"]["anomalous_files"]) == (1 if weak else 0)  # 2 % of 10, at least one
 
     assert main(["test", str(run), "--device", "cpu"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -71,7 +78,11 @@ def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> N
     assert set(metrics["per_type"]) == {"scratch", "stain", "hole", "patch", "color"}
     assert set(metrics["references"]) == {"image-independent", "residual"}
     assert metrics["references"]["image-independent"]["overall"]["image_auroc"] == 0.5
-    n_test = 4 + 5 * 2
+    assert (metrics["model"], metrics["setting"]) == (model, MODELS[model].setting)
+    assert metrics["n_removed_for_training"] == (1 if weak else 0)
+    assert ("classifier_detection_accuracy" in metrics) == weak
+    n_test = 4 + 5 * 2 - metrics["n_removed_for_training"]
+    assert metrics["n_images"] == n_test
     assert len(list((run / "panels").glob("*.png"))) == n_test
     assert "pixel_auroc" in capsys.readouterr().out
 

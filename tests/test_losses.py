@@ -1,16 +1,20 @@
-"""VAE and adversarial losses against their closed forms, computed independently with numpy."""
+"""Losses against their closed forms, computed independently with NumPy and scikit-image."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from skimage.metrics import structural_similarity
 
 from cavga.losses import (
+    classifier_loss,
+    complementary_guided_attention_loss,
     discriminator_loss,
     generator_adversarial_loss,
     kl_divergence,
     reconstruction_loss,
+    ssim_map,
 )
 
 
@@ -108,3 +112,71 @@ def test_bad_reduction_raises(loss):
     t = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="'median'"):
         loss(t, t, "median")
+
+
+def test_ssim_map_matches_scikit_image(rng):
+    """Per-pixel SSIM equals scikit-image's Gaussian SSIM (σ 1.5, population covariance) on every
+    pixel away from the edges, where the two pad differently; their means agree there too."""
+    a = rng.uniform(0, 1, size=(2, 3, 24, 20))
+    b = np.clip(a + rng.normal(0, 0.2, size=a.shape), 0, 1)
+    ours = ssim_map(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert ours.shape == a.shape
+    r = 5  # the 11×11 window's radius: scikit-image's own crop for its mean
+    for i in range(2):
+        for c in range(3):
+            mean, full = structural_similarity(
+                a[i, c],
+                b[i, c],
+                data_range=1.0,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                full=True,
+            )
+            np.testing.assert_allclose(ours[i, c, r:-r, r:-r], full[r:-r, r:-r], rtol=1e-9, atol=1e-12)
+            assert ours[i, c, r:-r, r:-r].mean() == pytest.approx(mean, rel=1e-9)
+
+
+def test_ssim_and_l2_reconstruction_losses(rng):
+    """An exact reconstruction has SSIM 1 (loss 0); "l2" is the mean squared error of sigmoid(logits)."""
+    x = rng.uniform(0.05, 0.95, size=(2, 1, 16, 16))
+    logits = np.log(x / (1 - x))  # sigmoid(logits) = x
+    assert reconstruction_loss(torch.from_numpy(logits), torch.from_numpy(x), "mean", "ssim").item() == (
+        pytest.approx(0.0, abs=1e-9)
+    )
+    y = rng.uniform(0, 1, size=x.shape)
+    got = reconstruction_loss(torch.from_numpy(logits), torch.from_numpy(y), "mean", "l2").item()
+    assert got == pytest.approx(((x - y) ** 2).mean(), rel=1e-10)
+    with pytest.raises(ValueError, match="'bce', 'l2' or 'ssim'"):
+        reconstruction_loss(torch.from_numpy(logits), torch.from_numpy(y), "mean", "l1")
+
+
+def test_classifier_loss_is_two_class_cross_entropy():
+    """L_bce on C's two logits: −log softmax of the true class, averaged."""
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0])
+    expected = (-np.log(np.exp(2) / (np.exp(2) + 1)) - np.log(1 / (1 + np.e))) / 2
+    assert classifier_loss(logits, labels).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_complementary_guided_attention_loss_counts_only_correct_normal_images():
+    """L_cga is zero for anomalous images and for misclassified normal ones, positive for a normal
+    image that C gets right (by hand: mean(1 − A^n) + mean(A^a)), and averaged over all N images."""
+    a_normal = torch.tensor([[[0.5, 1.0], [1.0, 0.5]]]).repeat(4, 1, 1)  # mean(1 − A^n) = 0.25
+    a_anom = torch.tensor([[[0.0, 0.2], [0.2, 0.0]]]).repeat(4, 1, 1)  # mean(A^a) = 0.1
+    # images: normal + predicted normal, normal + predicted anomalous, anomalous ×2 (either prediction)
+    logits = torch.tensor([[3.0, -1.0], [-1.0, 3.0], [3.0, -1.0], [-1.0, 3.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    per_image = [
+        complementary_guided_attention_loss(
+            a_normal[i : i + 1], a_anom[i : i + 1], logits[i : i + 1], labels[i : i + 1]
+        )
+        for i in range(4)
+    ]
+    assert per_image[0].item() == pytest.approx(0.35)
+    assert [v.item() for v in per_image[1:]] == [0.0, 0.0, 0.0]
+    batch = complementary_guided_attention_loss(a_normal, a_anom, logits, labels)
+    assert batch.item() == pytest.approx(0.35 / 4)
+    # A normal attention that covers everything and an empty anomalous one give zero.
+    full, empty = torch.ones(1, 2, 2), torch.zeros(1, 2, 2)
+    assert complementary_guided_attention_loss(full, empty, logits[:1], labels[:1]).item() == 0.0
