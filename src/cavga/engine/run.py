@@ -86,7 +86,8 @@ def load_model(ckpt: dict[str, Any], device: torch.device) -> tuple[CAVGA, Train
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Pretty JSON, written atomically."""
+    """Pretty JSON, written atomically (parent folders are created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)

@@ -1,0 +1,7 @@
+"""`python -m cavga`: the command line."""
+
+import sys
+
+from cavga.cli import main
+
+sys.exit(main())

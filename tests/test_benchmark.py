@@ -1,0 +1,98 @@
+"""`cavga benchmark` end to end on tiny MNIST files: paper-like tables, published figures beside ours,
+and a benchmark killed part way that resumes to the same table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cavga.cli import main
+from cavga.engine import benchmark as bench_mod
+from cavga.engine import train as train_mod
+from test_protocols import write_mnist
+
+CELLS = "0-zero,1-one,2-two,3-three"
+
+
+def _args(data: Path, out: Path) -> list[str]:
+    return [
+        "benchmark", "--protocol", "mnist", "--data", str(data), "--models", "cavga-du",
+        "--category", CELLS, "--image-size", "32", "--steps", "2", "--batch-size", "4",
+        "--device", "cpu", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+
+
+def _table(out: Path) -> list[dict]:
+    return list(csv.DictReader((out / "benchmark.csv").open()))
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mnist")
+    write_mnist(root, per_class=(8, 3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(mnist: Path, tmp_path_factory) -> Path:
+    """An uninterrupted benchmark."""
+    out = tmp_path_factory.mktemp("ref")
+    assert main(_args(mnist, out)) == 0
+    return out
+
+
+def test_tables_per_cell_with_a_mean_row(reference: Path) -> None:
+    rows = _table(reference)
+    assert [r["cell"] for r in rows] == [*CELLS.split(","), "mean"]
+    assert {r["metric"] for r in rows} == {"image_auroc"} and {r["model"] for r in rows} == {"cavga-du"}
+    values = [float(r["value"]) for r in rows]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert values[-1] == pytest.approx(sum(values[:-1]) / 4)
+    md = (reference / "benchmark.md").read_text()
+    assert "## image_auroc" in md and "| **mean** |" in md and "| 0-zero |" in md
+    result = json.loads((reference / "results" / "cavga-du" / "0-zero.json").read_text())
+    assert result["n_test_images"] == 30  # the whole test split: 3 of each digit
+
+
+def test_published_figures_appear_beside_ours_with_their_source(reference: Path, monkeypatch, mnist) -> None:
+    monkeypatch.setitem(
+        bench_mod.PUBLISHED, ("mnist", "1-one", "cavga-du", "image_auroc"), (0.997, "Paper X, Table 7")
+    )
+    monkeypatch.setattr(
+        train_mod, "train_step", lambda *a, **k: pytest.fail("a finished cell was recomputed")
+    )
+    assert main(_args(mnist, reference)) == 0
+    row = next(r for r in _table(reference) if r["cell"] == "1-one")
+    assert (row["published"], row["source"]) == ("0.997", "Paper X, Table 7")
+    md = (reference / "benchmark.md").read_text()
+    assert "(0.997 [1])" in md and "[1] Paper X, Table 7" in md
+
+
+def test_killed_benchmark_resumes_to_the_same_table(mnist: Path, reference: Path, tmp_path: Path) -> None:
+    """Kill the process as soon as its first cell is saved; rerunning finishes the rest and writes the
+    table an uninterrupted run wrote."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "cavga", *_args(mnist, out)], env=env)
+    first = out / "results" / "cavga-du" / "0-zero.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert first.exists(), "the first cell never finished"
+    done = len(list((out / "results" / "cavga-du").glob("*.json")))
+    assert done < 4, "the benchmark finished before it could be killed"
+    assert not (out / "benchmark.csv").exists()
+    assert main(_args(mnist, out)) == 0
+    def values(rows: list[dict]) -> list[tuple]:  # the published column is another test's business
+        return [(r["metric"], r["cell"], r["model"], r["value"], r["paper_map_value"]) for r in rows]
+
+    assert values(_table(out)) == values(_table(reference))
