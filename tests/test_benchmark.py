@@ -92,6 +92,7 @@ def test_killed_benchmark_resumes_to_the_same_table(mnist: Path, reference: Path
     assert done < 4, "the benchmark finished before it could be killed"
     assert not (out / "benchmark.csv").exists()
     assert main(_args(mnist, out)) == 0
+
     def values(rows: list[dict]) -> list[tuple]:  # the published column is another test's business
         return [(r["metric"], r["cell"], r["model"], r["value"], r["paper_map_value"]) for r in rows]
 

@@ -50,12 +50,12 @@ def available_maps(model: CAVGA) -> tuple[str, ...]:
 
 
 def paper_map(
-    model: CAVGA, x: torch.Tensor, out: ModelOutput
+    model: CAVGA, x: torch.Tensor, out: ModelOutput, residual_score: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The model's own map as published, (B, H, W), its image score (B,) and the attention to show
-    in panels (B, H, W): see `PAPER_MAPS` in cavga.networks.model."""
+    in panels (B, H, W): see `PAPER_MAPS` in cavga.networks.model. `residual_score` is the paper's
+    image score s_a = mean |x − x̂|, which CAVGA-u and VAE-grad use."""
     kind, size = MODELS[model.name].paper_map, x.shape[-1]
-    residual_score = (x - out.recon).abs().flatten(1).mean(1)  # the paper's image score s_a
     if kind == "attention-u":
         A = upsample(inference_attention(model, out.F), size)
         return 1.0 - A, residual_score, A
@@ -187,15 +187,16 @@ class MapMaker:
         x = x.to(self.device)
         size = x.shape[-1]
         out = self.model(x, sample=False)
-        paper, paper_score, attention = paper_map(self.model, x, out)
         diff = (x - out.recon).abs()
+        residual_score = diff.flatten(1).mean(1)  # the paper's image score s_a
+        paper, paper_score, attention = paper_map(self.model, x, out, residual_score)
         res = {
             "recon": out.recon,
             "attention": attention,  # (B, H, W)
             "paper": paper,
             "paper_score": paper_score,
             "residual": _blur(diff.mean(1), self.cfg),
-            "residual_score": diff.flatten(1).mean(1),  # the paper's image score s_a
+            "residual_score": residual_score,
         }
         if out.class_logits is not None:
             res["class_probability"] = torch.softmax(out.class_logits, 1)[:, 1]

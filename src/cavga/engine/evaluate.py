@@ -47,7 +47,7 @@ def check_run_matches(ckpt: dict[str, Any], cat_dir: Path, force: bool = False) 
         )
 
 
-def test_samples(ckpt: dict[str, Any], cat_dir: Path) -> tuple[list, int]:
+def evaluation_samples(ckpt: dict[str, Any], cat_dir: Path) -> tuple[list, int]:
     """The test split without the images the run trained on (the weakly supervised 2 %)."""
     samples = list_split(cat_dir, "test")
     trained_on = set(ckpt["data"].get("anomalous_files") or ())
@@ -84,7 +84,7 @@ def evaluate(
     category = category if category is not None else ckpt["data"]["category"]
     cat_dir = category_dir(root, category)
     check_run_matches(ckpt, cat_dir, force)
-    samples, n_removed = test_samples(ckpt, cat_dir)
+    samples, n_removed = evaluation_samples(ckpt, cat_dir)
     check_channels(infer_channels(samples), cfg.channels, str(samples[0].path.parent.parent))
     t0 = time.perf_counter()
     images = torch.stack([load_image(s.path, cfg.image_size, cfg.channels) for s in samples])
