@@ -108,6 +108,9 @@ def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> N
         for k in ("map", "mask", "overlay"):
             assert (out / row[k]).is_file()
         assert float(row["score"]) >= 0 and row["anomalous"] in ("0", "1")
+        assert (row["class_probability"] != "") == weak
+        if weak:
+            assert 0.0 <= float(row["class_probability"]) <= 1.0
 
 
 def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -38,6 +38,9 @@ class Prediction:
     attention: np.ndarray  # (h, w) the paper's attention A at the model's input size
     reconstruction: np.ndarray  # (h, w) or (h, w, 3) x̂ in [0, 1] at the model's input size
     image: np.ndarray  # (h, w) or (h, w, 3) the input as the model saw it
+    # Weakly supervised models only: C's anomalous probability, and its decision (≥ 0.5), as in the paper.
+    class_probability: float | None = None
+    classifier_anomalous: bool | None = None
 
 
 def to_pil(image: ImageLike) -> tuple[Image.Image, str]:
@@ -102,6 +105,7 @@ class Predictor:
             )
             full = np.clip(full, 0.0, 1.0)
             score = float(out[f"score/{self.map_name}"][i])
+            prob = float(out["class_probability"][i]) if "class_probability" in out else None
             results.append(
                 Prediction(
                     source=name,
@@ -113,6 +117,8 @@ class Predictor:
                     attention=out["attention"][i],
                     reconstruction=chw_to_image(out["recon"][i]),
                     image=chw_to_image(x[i].numpy()),
+                    class_probability=prob,
+                    classifier_anomalous=None if prob is None else prob >= 0.5,
                 )
             )
         return results

@@ -20,6 +20,7 @@ CSV_FIELDS = (
     "threshold",
     "anomalous",
     "anomalous_fraction",
+    "class_probability",  # weakly supervised models: C's anomalous probability
     "map",
     "mask",
     "overlay",
@@ -90,6 +91,7 @@ def predict_files(predictor: Predictor, inputs: list[str | Path], out_dir: str |
                     "threshold": f"{p.threshold:.6g}",
                     "anomalous": int(p.is_anomalous),
                     "anomalous_fraction": f"{p.mask.mean():.6g}",
+                    "class_probability": "" if p.class_probability is None else f"{p.class_probability:.6g}",
                     **names,
                     "error": "",
                 }
