@@ -102,16 +102,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The training settings among `names` that the user gave (None means: the preset's value)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from cavga.engine.compare import compare, parse_list
 
-    overrides = {
-        "preset": args.preset,
-        "image_size": args.image_size,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "device": args.device,
-    }
     compare(
         args.data,
         parse_list(args.models),
@@ -120,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.seeds,
         progress=not args.quiet,
         maps=tuple(parse_list(args.maps)),
-        **{k: v for k, v in overrides.items() if v is not None},
+        **_given(args, "preset", "image_size", "steps", "batch_size", "device"),
     )
     out = Path(args.out)
     print((out / "compare.md").read_text())
@@ -132,14 +130,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from cavga.engine.benchmark import benchmark
     from cavga.engine.compare import parse_list
 
-    overrides = {
-        "preset": args.preset,
-        "image_size": args.image_size,
-        "steps": args.steps,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "device": args.device,
-    }
     benchmark(
         args.protocol,
         args.data,
@@ -149,7 +139,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         seed=args.seed,
         download=args.download,
         progress=not args.quiet,
-        **{k: v for k, v in overrides.items() if v is not None},
+        **_given(args, "preset", "image_size", "steps", "epochs", "batch_size", "device"),
     )
     out = Path(args.out)
     print((out / "benchmark.md").read_text())

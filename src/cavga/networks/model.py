@@ -280,30 +280,26 @@ register_model(
 )
 # Baselines the paper compares with, in the same engine (see docs/method.md).
 BASELINE = {**NO_CLF, "w_adv": 0.0, "w_ae": 0.0, "anomaly_map": "paper"}
-register_model(
-    "ae-l2",
-    "dcgan",
-    U,
-    "AE-L2 baseline: convolutional autoencoder, 100-d code, L2 loss, squared-residual map",
-    "l2",
-    "baseline",
-    {**BASELINE, "w_kl": 0.0, "rec_loss": "l2"},
-    flat=True,
-    variational=False,
-    adversarial=False,
-)
-register_model(
-    "ae-ssim",
-    "dcgan",
-    U,
-    "AE-SSIM baseline (Bergmann et al.): the AE-L2 network trained with SSIM loss, 1 − SSIM map",
-    "ssim",
-    "baseline",
-    {**BASELINE, "w_kl": 0.0, "rec_loss": "ssim"},
-    flat=True,
-    variational=False,
-    adversarial=False,
-)
+for name, loss, what in (
+    ("ae-l2", "l2", "AE-L2 baseline: convolutional autoencoder, 100-d code, L2 loss, squared-residual map"),
+    (
+        "ae-ssim",
+        "ssim",
+        "AE-SSIM baseline (Bergmann et al.): the AE-L2 network, SSIM loss, 1 − SSIM map",
+    ),
+):
+    register_model(
+        name,
+        "dcgan",
+        U,
+        what,
+        loss,  # the map is the loss per pixel
+        "baseline",
+        {**BASELINE, "w_kl": 0.0, "rec_loss": loss},
+        flat=True,
+        variational=False,
+        adversarial=False,
+    )
 register_model(
     "vae-grad",
     "resnet",
