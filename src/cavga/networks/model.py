@@ -300,6 +300,7 @@ for name, loss, what in (
         variational=False,
         adversarial=False,
     )
+del name, loss, what
 register_model(
     "vae-grad",
     "resnet",
