@@ -107,6 +107,16 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _add_run_settings(p: argparse.ArgumentParser, what: str) -> None:
+    """The training settings and output options `compare` and `benchmark` share (see `_given`)."""
+    p.add_argument("--preset", default="default")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help=f"output folder; a stopped {what} resumes there")
+    p.add_argument("--quiet", action="store_true")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from cavga.engine.compare import compare, parse_list
 
@@ -168,7 +178,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cavga.config import make_config
     from cavga.data import make_demo_data
-    from cavga.engine.evaluate import evaluate, format_table
+    from cavga.engine.evaluate import METRIC_KEYS, evaluate, format_table
     from cavga.engine.run import write_json
     from cavga.engine.train import train
 
@@ -188,9 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         train(cfg, root, run, category=cat, progress=not args.quiet)
         result = evaluate(run, panels=True, device=args.device)
         print(f"\n== {cat} ==\n{format_table(result)}\n")
-        summary[cat] = {
-            k: result[k] for k in ("pixel_auroc", "aupro", "pixel_iou", "image_auroc", "detection_accuracy")
-        }
+        summary[cat] = {k: result[k] for k in METRIC_KEYS}
         summary[cat]["residual_pixel_auroc"] = result["maps"]["residual"]["overall"]["pixel_auroc"]
         summary[cat]["paper_attention_pixel_auroc"] = result["maps"]["paper"]["overall"]["pixel_auroc"]
     seconds = time.perf_counter() - t0
@@ -346,12 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
     c.add_argument("--category", help="comma-separated categories (default: all in --data)")
     c.add_argument("--models", default="cavga-ru", help="comma-separated model names (see `cavga models`)")
-    c.add_argument("--preset", default="default")
-    c.add_argument("--image-size", type=int, default=None)
     c.add_argument(
         "--steps", type=int, default=DEMO_STEPS, help=f"training steps per run (default {DEMO_STEPS})"
     )
-    c.add_argument("--batch-size", type=int, default=None)
     c.add_argument("--seeds", type=int, default=2, help="seeds 0 … N−1 per model and category (default 2)")
     c.add_argument(
         "--maps",
@@ -359,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="maps to tabulate and draw: names from `cavga models`, default (each run's own), all "
         "(default: paper,default)",
     )
-    c.add_argument("--device", default=None)
-    c.add_argument("--out", required=True, help="output folder; a stopped comparison resumes there")
-    c.add_argument("--quiet", action="store_true")
+    _add_run_settings(c, "comparison")
     c.set_defaults(func=cmd_compare)
 
     b = sub.add_parser(
@@ -379,17 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="the dataset root as its authors ship it (not needed for mnist5k)")
     b.add_argument("--models", default="cavga-du", help="comma-separated model names (see `cavga models`)")
     b.add_argument("--category", help="comma-separated categories / scenes / classes (default: all)")
-    b.add_argument("--preset", default="default")
-    b.add_argument("--image-size", type=int, default=None)
     b_length = b.add_mutually_exclusive_group(required=True)
     b_length.add_argument("--epochs", type=int, help="training epochs per cell")
     b_length.add_argument("--steps", type=int, help="training steps per cell")
-    b.add_argument("--batch-size", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--download", action="store_true", help="MNIST-type sets: let torchvision download them")
-    b.add_argument("--device", default=None)
-    b.add_argument("--out", required=True, help="output folder; a stopped benchmark resumes there")
-    b.add_argument("--quiet", action="store_true")
+    _add_run_settings(b, "benchmark")
     b.set_defaults(func=cmd_benchmark)
 
     ls = sub.add_parser("models", help="list the models and anomaly maps")

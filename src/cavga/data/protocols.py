@@ -23,6 +23,7 @@ from PIL import Image
 
 from cavga.data.folder import IMAGE_EXTENSIONS, _image_files, _subdirs, list_categories, open_image
 from cavga.errors import DataError
+from cavga.visualize import save_mask_png
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -58,8 +59,10 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _done(folder: Path) -> bool:
-    return (folder / ".complete").is_file()
+def _finished_cells(view: Path) -> list[str] | None:
+    """The cells of a view built to the end before (None when it must be built)."""
+    marker = view / ".complete"
+    return json.loads(marker.read_text())["cells"] if marker.is_file() else None
 
 
 def _mark_done(folder: Path, info: dict) -> None:
@@ -169,7 +172,8 @@ def one_class(protocol: str, root: Path | None, work: Path, download: bool = Fal
             test = _torchvision_split(protocol, root, False, download)
             return train[:2], test[:2], train[2]
 
-    if not _done(view):
+    cells = _finished_cells(view)
+    if cells is None:
         (train_x, train_y), (test_x, test_y), names = load()
         for d in (view, store):
             if d.exists():
@@ -180,13 +184,11 @@ def one_class(protocol: str, root: Path | None, work: Path, download: bool = Fal
                 path = store / split / cells[int(y)] / f"{i:05d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(x).save(path)
-        for k, cell in enumerate(cells):
-            _link_dir(store / "train" / cells[k], view / cell / "train" / "good")
-            for j, other in enumerate(cells):
-                test_type = "good" if j == k else other
-                _link_dir(store / "test" / other, view / cell / "test" / test_type)
+        for cell in cells:
+            _link_dir(store / "train" / cell, view / cell / "train" / "good")
+            for other in cells:
+                _link_dir(store / "test" / other, view / cell / "test" / ("good" if other == cell else other))
         _mark_done(view, {"cells": cells})
-    cells = json.loads((view / ".complete").read_text())["cells"]
     return Prepared(view, cells, "one-class")
 
 
@@ -228,8 +230,9 @@ def mstc(root: Path, work: Path) -> Prepared:
     (1 = anomalous) with its pixel mask from `testing/test_pixel_mask/<video>.npy` (T × H × W).
     """
     view = work / "mstc"
-    if _done(view):
-        return Prepared(view, json.loads((view / ".complete").read_text())["cells"], "localisation")
+    done = _finished_cells(view)
+    if done is not None:
+        return Prepared(view, done, "localisation")
     test_frames = root / "testing" / "frames"
     label_dir, pixel_dir = root / "testing" / "test_frame_mask", root / "testing" / "test_pixel_mask"
     for d in (test_frames, label_dir, pixel_dir):
@@ -260,9 +263,7 @@ def mstc(root: Path, work: Path) -> Prepared:
             kind = "anomalous" if labels[t] else "good"
             _link(f, view / scene / "test" / kind / f"{name}{f.suffix}")
             if labels[t]:
-                mask = view / scene / "ground_truth" / "anomalous" / f"{name}_mask.png"
-                mask.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.where(pixels[t] > 0, 255, 0).astype(np.uint8)).save(mask)
+                save_mask_png(view / scene / "ground_truth" / "anomalous" / f"{name}_mask.png", pixels[t] > 0)
     scenes = list_categories(view) if view.is_dir() else []
     for c in scenes:
         if not (view / c / "train").is_dir():
@@ -296,7 +297,7 @@ def lag(root: Path, work: Path, seed: int = 0) -> Prepared:
     the map's maximum (the region the ophthalmologists fixated on most).
     """
     view = work / "lag"
-    if _done(view):
+    if _finished_cells(view) is not None:
         return Prepared(view, ["lag"], "localisation")
     normal_dir = root / LAG_NORMAL / "image"
     glaucoma = next((root / g for g in LAG_GLAUCOMA if (root / g).is_dir()), None)
@@ -333,9 +334,7 @@ def lag(root: Path, work: Path, seed: int = 0) -> Prepared:
         _link(p, cell / "test" / "glaucoma" / p.name)
         att = np.asarray(open_image(maps[p.stem], "an attention map").convert("L"), dtype=np.float32)
         mask = att >= 0.5 * att.max() if att.max() > 0 else np.zeros_like(att, bool)
-        out = cell / "ground_truth" / "glaucoma" / f"{p.stem}_mask.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(out)
+        save_mask_png(cell / "ground_truth" / "glaucoma" / f"{p.stem}_mask.png", mask)
     _mark_done(view, {"cells": ["lag"]})
     return Prepared(view, ["lag"], "localisation")
 

@@ -20,13 +20,11 @@ from tqdm.auto import tqdm
 
 from cavga.data.protocols import PROTOCOLS, Prepared, prepare
 from cavga.engine.compare import train_and_test
+from cavga.engine.evaluate import METRIC_KEYS
 from cavga.engine.run import write_json
 from cavga.errors import CavgaError
 
-METRICS = {
-    "localisation": ("pixel_iou", "pixel_auroc", "aupro", "image_auroc", "detection_accuracy"),
-    "one-class": ("image_auroc",),
-}
+METRICS = {"localisation": METRIC_KEYS, "one-class": ("image_auroc",)}
 
 # Published figures shown beside ours: (protocol, cell, model, metric) → (value, source).
 # Only figures the project can trace to a source it holds go here. Our copy of the CAVGA paper
@@ -169,6 +167,7 @@ def write_tables(
         f"{settings}; seed {results[0]['seed']}; {torch.get_num_threads()} CPU threads. Each model's "
         f"default map ({maps}); published figures, where known, in brackets with their source.",
     ]
+    by_key = {(r["metric"], r["cell"], r["model"]): r for r in rows}
     sources: list[str] = []
     for metric in METRICS[kind]:
         lines += [
@@ -181,7 +180,7 @@ def write_tables(
         for cell in [*cells, "mean"]:
             texts = []
             for m in models:
-                row = next(r for r in rows if (r["metric"], r["cell"], r["model"]) == (metric, cell, m))
+                row = by_key[(metric, cell, m)]
                 text = _fmt(row["value"])
                 if row["published"] is not None:
                     if row["source"] not in sources:
