@@ -13,8 +13,7 @@ from cavga.cli import main
 from cavga.data import anomalous_folder, list_split, make_demo_data, weak_split
 from cavga.engine.run import load_checkpoint
 from cavga.errors import DataError
-
-SIZE = 32
+from test_cli import SIZE, train_args
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +27,6 @@ def data(tmp_path_factory) -> Path:
         n_test_defect=4,
         categories=("brick", "grass"),
     )
-
-
-def _train(data: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--data", str(data), "--category", "brick", "--model", "cavga-dw",
-        "--image-size", str(SIZE), "--steps", "2", "--batch-size", "4",
-        "--out", str(run), "--quiet", "--device", "cpu", *extra,
-    ]  # fmt: skip
 
 
 def test_weak_split_is_seeded_and_picks_only_anomalous_images(data: Path) -> None:
@@ -65,7 +56,7 @@ def test_training_never_reads_masks_and_testing_leaves_the_chosen_images_out(dat
     for m in masks:
         m.write_bytes(b"not a png")
     run = tmp_path / "run"
-    assert main(_train(root, run, "--seed", "5")) == 0
+    assert main(train_args(root, run, "cavga-dw", 2, "--seed", "5")) == 0
     ckpt = load_checkpoint(run)
     expected = weak_split(list_split(root / "brick", "test"), 0.02, seed=5)
     assert ckpt["data"]["anomalous_files"] == [str(s.path.resolve()) for s in expected]
@@ -90,7 +81,7 @@ def test_own_anomalous_folder_replaces_the_split(data: Path, tmp_path: Path) -> 
         shutil.copy(p, own / p.name)
     assert len(anomalous_folder(tmp_path / "own")) == 2
     run = tmp_path / "run"
-    assert main(_train(data, run, "--anomalous-dir", str(tmp_path / "own"))) == 0
+    assert main(train_args(data, run, "cavga-dw", 2, "--anomalous-dir", str(tmp_path / "own"))) == 0
     ckpt = load_checkpoint(run)
     assert len(ckpt["data"]["anomalous_files"]) == 2
     assert main(["test", str(run), "--device", "cpu", "--no-panels"]) == 0
@@ -104,7 +95,7 @@ def test_test_refuses_another_category_unless_forced(data: Path, tmp_path: Path,
     """A run trained on brick is not silently tested on grass: a one-line error naming both, and
     --force to do it anyway."""
     run = tmp_path / "run"
-    assert main(_train(data, run)) == 0
+    assert main(train_args(data, run, "cavga-dw", 2)) == 0
     capsys.readouterr()
     assert main(["test", str(run), "--category", "grass", "--device", "cpu", "--no-panels"]) == 2
     err = capsys.readouterr().err
