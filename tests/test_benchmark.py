@@ -1,5 +1,5 @@
 """`cavga benchmark` end to end on tiny MNIST files: paper-like tables, published figures beside ours,
-and a benchmark killed part way that resumes to the same table."""
+and a benchmark killed part way that resumes to the same table; and on a tiny ELPV folder."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from cavga.cli import main
 from cavga.engine import benchmark as bench_mod
 from cavga.engine import train as train_mod
-from test_protocols import write_mnist
+from test_protocols import write_elpv, write_mnist
 
 CELLS = "0-zero,1-one,2-two,3-three"
 
@@ -97,3 +97,23 @@ def test_killed_benchmark_resumes_to_the_same_table(mnist: Path, reference: Path
         return [(r["metric"], r["cell"], r["model"], r["value"], r["paper_map_value"]) for r in rows]
 
     assert values(_table(out)) == values(_table(reference))
+
+
+def test_elpv_benchmark_has_a_row_per_module_type(tmp_path: Path) -> None:
+    """ELPV from a folder in the package's layout (labels.csv + images/): cells mono and poly, image
+    AUROC only; each cell tests its held-out normals and all its defective cells."""
+    write_elpv(tmp_path / "elpv")
+    out = tmp_path / "bench"
+    args = [
+        "benchmark", "--protocol", "elpv", "--data", str(tmp_path / "elpv"), "--models", "cavga-du",
+        "--image-size", "32", "--steps", "2", "--batch-size", "4", "--device", "cpu", "--out", str(out),
+        "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = _table(out)
+    assert [r["cell"] for r in rows] == ["mono", "poly", "mean"]
+    assert {r["metric"] for r in rows} == {"image_auroc"}
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
+    for cell, n_test in (("mono", 2 + 3), ("poly", 1 + 2)):
+        result = json.loads((out / "results" / "cavga-du" / f"{cell}.json").read_text())
+        assert result["n_test_images"] == n_test

@@ -1,11 +1,14 @@
 """Each paper dataset read from files the tests write in that dataset's exact on-disk format:
 torchvision's raw IDX files (MNIST, Fashion-MNIST), CIFAR-10's pickled batches, ShanghaiTech's frame
-folders and .npy masks, LAG's class folders with attention maps. Nothing is downloaded."""
+folders and .npy masks, LAG's class folders with attention maps, ELPV's labels.csv and images/.
+Nothing is downloaded."""
 
 from __future__ import annotations
 
 import pickle
+import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 from PIL import Image
 
 from cavga.data import list_split, load_mask
-from cavga.data.protocols import prepare, slug
+from cavga.data.protocols import elpv, prepare, slug
 from cavga.errors import DataError
 
 FMNIST_CLASSES = [
@@ -299,3 +302,138 @@ def test_mvtec_root_needs_its_categories(tmp_path: Path) -> None:
         prepare("mvtec", root, tmp_path / "work")
     (root / "brick").rename(root / "bottle")
     assert "bottle" in prepare("mvtec", root, tmp_path / "work").cells
+
+
+# --------------------------------------------------------------------------- ELPV
+
+# Images per (module type, defect probability) as written in labels.csv (the real file's spelling).
+ELPV_COUNTS = {
+    ("mono", "0.0"): 10,  # 2 held out (20 %), 8 train
+    ("mono", "0.3333333333333333"): 2,
+    ("mono", "0.6666666666666666"): 2,
+    ("mono", "1.0"): 3,
+    ("poly", "0.0"): 7,  # round(1.4) = 1 held out, 6 train
+    ("poly", "0.3333333333333333"): 1,
+    ("poly", "0.6666666666666666"): 1,
+    ("poly", "1.0"): 2,
+}
+
+
+def write_elpv(root: Path, size: int = 16) -> dict[tuple[str, str], set[str]]:
+    """ELPV as the elpv-dataset package ships it: `labels.csv` with whitespace-separated
+    `images/cellNNNN.png  <probability>  <type>` lines (types and probabilities interleaved, as in
+    the real file) and small grey PNGs in `images/`; returns the file names per (type, probability)."""
+    rng = np.random.default_rng(0)
+    keys = [k for k, n in ELPV_COUNTS.items() for _ in range(n)]
+    rng.shuffle(keys)
+    (root / "images").mkdir(parents=True)
+    names: dict[tuple[str, str], set[str]] = {k: set() for k in ELPV_COUNTS}
+    lines = []
+    for i, (kind, prob) in enumerate(keys, start=1):
+        name = f"cell{i:04d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / "images" / name)
+        lines.append(f"images/{name}  {prob:<19} {kind}\n")
+        names[kind, prob].add(name)
+    (root / "labels.csv").write_text("".join(lines))
+    return names
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def test_elpv_cells_per_module_type_with_a_seeded_fifth_of_normals_held_out(tmp_path: Path) -> None:
+    """Normal = probability 0 (train/good, less 20 % in test/good), defective = probability 1 (all in
+    test/defective); 1/3 and 2/3 are nowhere; image labels only, linked to the listed files."""
+    names = write_elpv(tmp_path / "elpv")
+    prep = prepare("elpv", tmp_path / "elpv", tmp_path / "work")
+    assert prep.cells == ["mono", "poly"] and prep.kind == "one-class"
+    for kind, (n_train, n_test) in (("mono", (8, 2)), ("poly", (6, 1))):
+        cell = prep.root / kind
+        train, good = _names(cell / "train" / "good"), _names(cell / "test" / "good")
+        assert (len(train), len(good)) == (n_train, n_test)
+        assert not train & good and train | good == names[kind, "0.0"]
+        assert _names(cell / "test" / "defective") == names[kind, "1.0"]
+        assert _names(cell / "test") == {"good", "defective"} and not (cell / "ground_truth").exists()
+        tests = list_split(cell, "test")
+        assert sum(s.label for s in tests) == len(names[kind, "1.0"])
+        assert all(s.mask_path is None for s in tests)
+    ambiguous = set().union(*(v for (_, prob), v in names.items() if prob not in ("0.0", "1.0")))
+    assert ambiguous and not ambiguous & {p.name for p in prep.root.rglob("*.png")}
+    linked = next((prep.root / "mono" / "test" / "defective").iterdir())
+    assert linked.read_bytes() == (tmp_path / "elpv" / "images" / linked.name).read_bytes()
+    # A second call reuses the view.
+    stamp = (prep.root / ".complete").stat().st_mtime_ns
+    assert prepare("elpv", tmp_path / "elpv", tmp_path / "work").cells == prep.cells
+    assert (prep.root / ".complete").stat().st_mtime_ns == stamp
+
+
+def test_elpv_split_is_seeded(tmp_path: Path) -> None:
+    """The same seed holds out the same normal images; another seed other ones (and rebuilds a view
+    built with the first)."""
+    write_elpv(tmp_path / "elpv")
+
+    def held_out(seed: int, work: str) -> dict[str, set[str]]:
+        prep = elpv(tmp_path / "elpv", tmp_path / work, seed=seed)
+        return {c: _names(prep.root / c / "test" / "good") for c in prep.cells}
+
+    first = held_out(0, "a")
+    assert held_out(0, "b") == first
+    other = held_out(1, "a")
+    assert other != first
+    assert {c: len(v) for c, v in other.items()} == {c: len(v) for c, v in first.items()}
+
+
+def test_elpv_problems_are_errors_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "elpv"
+    with pytest.raises(DataError, match=re.escape(str(root / "labels.csv"))):
+        prepare("elpv", root, tmp_path / "w1")
+    write_elpv(root)
+    labels = root / "labels.csv"
+    good = labels.read_text()
+    lines = good.splitlines(keepends=True)
+
+    labels.write_text("".join([*lines[:3], "images/cell9999.png  high  mono\n", *lines[3:]]))
+    with pytest.raises(DataError, match=re.escape(f"{labels}, line 4: cannot parse")):
+        prepare("elpv", root, tmp_path / "w2")
+    path, prob, _ = lines[1].split()
+    labels.write_text("".join([lines[0], f"{path}  {prob}  Mono\n", *lines[2:]]))
+    with pytest.raises(DataError, match=r"labels\.csv, line 2: .*'Mono' is not one of mono, poly"):
+        prepare("elpv", root, tmp_path / "w3")
+
+    labels.write_text("".join(line for line in lines if "1.0" not in line or "mono" not in line))
+    with pytest.raises(DataError, match=re.escape(f"{labels}: the mono cell needs at least 2 normal")):
+        prepare("elpv", root, tmp_path / "w4")
+
+    missing = root / "images" / "cell0005.png"
+    missing.unlink()
+    labels.write_text(good)
+    with pytest.raises(DataError, match=re.escape(f"line 5: image not found: {missing}")):
+        prepare("elpv", root, tmp_path / "w5")
+    assert not (tmp_path / "w5" / "elpv").exists()  # nothing built from a broken copy
+
+    labels.write_text("\n")
+    with pytest.raises(DataError, match=re.escape(f"{labels}: no mono or poly images listed")):
+        prepare("elpv", root, tmp_path / "w6")
+
+    # Without --data the installed package is read; a None entry in sys.modules makes it absent.
+    monkeypatch.setitem(sys.modules, "elpv_dataset", None)
+    with pytest.raises(DataError, match="pip install elpv-dataset"):
+        prepare("elpv", None, tmp_path / "w7")
+
+
+def test_elpv_from_the_installed_package() -> None:
+    """The real data (elpv-dataset's 2,624 cells): images per cell and folder, counted from its
+    labels.csv (normal 588 mono / 920 poly, defective 313 / 402; 1/3 and 2/3 left out)."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("elpv_dataset") is None:
+        pytest.skip("elpv-dataset is not installed")
+    with tempfile.TemporaryDirectory() as work:
+        prep = prepare("elpv", None, work)
+        counts = {
+            c: tuple(len(_names(prep.root / c / f)) for f in ("train/good", "test/good", "test/defective"))
+            for c in prep.cells
+        }
+    assert counts == {"mono": (470, 118, 313), "poly": (736, 184, 402)}

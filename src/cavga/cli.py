@@ -376,10 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size 256 --epochs 50 --out bench-mvtec\n"
         "  cavga benchmark --protocol mnist --data ~/torchvision-data --models cavga-du --epochs 5 "
         "--out bench-mnist\n"
-        "  cavga benchmark --protocol mnist5k --models cavga-du --category 0-zero,1-one --out bench-5k",
+        "  cavga benchmark --protocol mnist5k --models cavga-du --category 0-zero,1-one --out bench-5k\n"
+        "  cavga benchmark --protocol elpv --models cavga-du --image-size 64 --epochs 20 --out bench-elpv",
     )
     b.add_argument("--protocol", required=True, choices=list(PROTOCOLS))
-    b.add_argument("--data", help="the dataset root as its authors ship it (not needed for mnist5k)")
+    b.add_argument("--data", help="the dataset root as its authors ship it (not needed for mnist5k and elpv)")
     b.add_argument("--models", default="cavga-du", help="comma-separated model names (see `cavga models`)")
     b.add_argument("--category", help="comma-separated categories / scenes / classes (default: all)")
     b_length = b.add_mutually_exclusive_group(required=True)

