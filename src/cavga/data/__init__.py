@@ -17,12 +17,14 @@ from cavga.data.folder import (
     open_image,
     validate_images,
 )
+from cavga.data.synthetic import KINDS, perlin_masks, perlin_noise, synthesize
 from cavga.data.weak import anomalous_folder, weak_split
 
 __all__ = [
     "DEFECT_TYPES",
     "DEMO_CATEGORIES",
     "IMAGE_EXTENSIONS",
+    "KINDS",
     "ImageFolderDataset",
     "Sample",
     "anomalous_folder",
@@ -37,6 +39,9 @@ __all__ = [
     "load_mask",
     "make_demo_data",
     "open_image",
+    "perlin_masks",
+    "perlin_noise",
+    "synthesize",
     "validate_images",
     "weak_split",
 ]
