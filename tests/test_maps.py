@@ -74,10 +74,11 @@ def test_every_map_depends_on_the_image_and_not_on_the_batch(setup):
         torch.testing.assert_close(alone[name][0], res[name][0], atol=1e-5, rtol=1e-4)
 
 
-def test_mean_maps_are_one_image_independent_map_over_the_training_images(setup):
-    """The stored reference is one (H, W) map per variant: the mean of that map over training images."""
-    model, cfg, train, _, cal = setup
-    res = MapMaker(model, cfg, cal, CPU)(train)
+def test_mean_maps_are_one_image_independent_map_over_the_held_out_normal_images(setup):
+    """The stored reference is one (H, W) map per variant: the mean of that map over the held-out
+    normal images (not the training images, which a memory map has memorised)."""
+    model, cfg, train, calib, cal = setup
+    res = MapMaker(model, cfg, cal, CPU)(calib)
     for name in MAPS:
         assert cal["mean_maps"][name].shape == (SIZE, SIZE), name
         torch.testing.assert_close(cal["mean_maps"][name], res[name].mean(0), atol=1e-5, rtol=1e-4)
@@ -115,11 +116,11 @@ def test_calibration_statistics_come_from_exactly_the_training_images(setup):
     """The stored statistics are those of the training images: neither the held-out calibration
     images nor an extra anomalous image are in them, and adding either would change them."""
     model, cfg, train, calib, cal = setup
-    assert _stats_equal(cal["stats"], fit_feature_stats(model, train, cfg, CPU))
+    assert _stats_equal(cal["fitted"]["latent-stats"], fit_feature_stats(model, train, cfg, CPU))
     with_calib = fit_feature_stats(model, torch.cat([train, calib]), cfg, CPU)
     with_anomaly = fit_feature_stats(model, torch.cat([train, anomalous_images(1, seed=8)]), cfg, CPU)
-    assert not _stats_equal(cal["stats"], with_calib)
-    assert not _stats_equal(cal["stats"], with_anomaly)
+    assert not _stats_equal(cal["fitted"]["latent-stats"], with_calib)
+    assert not _stats_equal(cal["fitted"]["latent-stats"], with_anomaly)
 
 
 def test_latent_stats_deviation_is_low_for_normal_and_high_for_anomalous_images(setup):

@@ -170,8 +170,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         users = ", ".join(s.name for s in MODELS.values() if s.paper_map == kind)
         print(f"  {desc}: {users}")
     print("\nattention / anomaly maps (--attention):")
-    for name, desc in MAPS.items():
-        print(f"{name:<20} {desc}")
+    for name, spec in MAPS.items():
+        print(f"{name:<20} {spec.description}")
     return 0
 
 

@@ -43,12 +43,22 @@ class TrainConfig:
     stats_layers: tuple[str, ...] = ("s4", "s8")
     stats_pool: int = 3
     position_shrink: float = 0.5  # 0: per-position means, 1: one mean for all positions
+    # memory (PatchCore-like): stages, neighbourhood, candidate positions and the coreset kept of them
+    memory_layers: tuple[str, ...] = ("s4", "s8")
+    memory_pool: int = 3
+    memory_candidates: int = 40_000
+    coreset_size: int = 4_000
+    # Image score of the calibrated maps: "peak" (the map's maximum, or its own score) or "fused" (that
+    # and the whole-image nearest-neighbour distance, standardised on held-out normal images, averaged)
+    image_score: str = "peak"
     blur: float = 1 / 32  # Gaussian smoothing of the maps, σ as a fraction of the image size
     calib_fraction: float = 0.1  # normal training images held out to calibrate thresholds
     false_alarm_rate: float = 0.01  # target on held-out normal images for the calibrated thresholds
     # Weakly supervised models: this fraction of the anomalous test images (seeded, at least one) moves
     # into training with its image label only, unless `anomalous_dir` gives the user's own.
     weak_fraction: float = 0.02
+    # Self-supervised models: the probability that a training image gets a synthetic anomaly
+    synthetic: float = 0.0
     anomalous_dir: str | None = None
     checkpoint_every: int = 100
     device: str = "auto"
@@ -65,7 +75,7 @@ class TrainConfig:
         if unknown:
             raise CavgaError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         d = dict(d)
-        for key in ("betas", "stats_layers"):
+        for key in ("betas", "stats_layers", "memory_layers"):
             if key in d and d[key] is not None:
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -103,3 +103,30 @@ def complementary_guided_attention_loss(
     correct_normal = (class_logits.argmax(1) == 0) & (labels == 0)  # (B,), no gradient through argmax
     per_image = (1.0 - attention_normal).flatten(1).mean(1) + attention_anomalous.flatten(1).mean(1)
     return (correct_normal.to(per_image.dtype) * per_image).mean()
+
+
+def mask_guided_attention_loss(
+    attention_normal: torch.Tensor,
+    attention_anomalous: torch.Tensor,
+    class_logits: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+) -> torch.Tensor:
+    """L_cga extended to images whose anomaly mask is known (synthetic anomalies, self-supervised).
+
+    Normal images: the paper's L_cga term. Anomalous images: A^anomalous should be the mask and
+    A^normal its complement, mean_ij[|A^anomalous_ij − m_ij| + |A^normal_ij − (1 − m_ij)|], with m the
+    mask at the attention's grid (a cell counts as anomalous where any of its pixels is). Mean over N.
+
+    Args:
+        attention_normal, attention_anomalous: (B, h, w) class attentions in [0, 1].
+        class_logits: (B, 2); labels: (B,) 0 normal, 1 anomalous.
+        masks: (B, H, W) 0/1 pixel masks (all zero for normal images).
+    """
+    m = F.adaptive_max_pool2d(masks.unsqueeze(1).float(), attention_anomalous.shape[-2:]).squeeze(1)
+    guided = ((attention_anomalous - m).abs() + (attention_normal - (1.0 - m)).abs()).flatten(1).mean(1)
+    anomalous = (labels == 1).to(guided.dtype)
+    normal_term = complementary_guided_attention_loss(
+        attention_normal, attention_anomalous, class_logits, labels
+    )
+    return normal_term + (anomalous * guided).mean()

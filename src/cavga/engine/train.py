@@ -13,7 +13,15 @@ from tqdm.auto import tqdm
 
 from cavga.attention import attention_expansion_loss, class_attention, latent_attention
 from cavga.config import TrainConfig
-from cavga.data import anomalous_folder, category_dir, infer_channels, list_split, load_image, weak_split
+from cavga.data import (
+    anomalous_folder,
+    category_dir,
+    infer_channels,
+    list_split,
+    load_image,
+    synthesize,
+    weak_split,
+)
 from cavga.engine.run import (
     CHECKPOINT,
     build_model,
@@ -30,6 +38,7 @@ from cavga.losses import (
     discriminator_loss,
     generator_adversarial_loss,
     kl_divergence,
+    mask_guided_attention_loss,
     reconstruction_loss,
 )
 from cavga.maps import MAPS, available_maps, calibrate
@@ -110,7 +119,9 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 
 
 def total_steps(cfg: TrainConfig, n: int) -> int:
-    """`steps`, or `epochs` × batches per epoch; one of them must be set."""
+    """`steps`, or `epochs` × batches per epoch; one of them must be set (none for an anchor)."""
+    if MODELS[cfg.model].setting == "training-free":
+        return 0
     if cfg.steps:
         return cfg.steps
     if cfg.epochs:
@@ -159,14 +170,16 @@ def train(
     model = build_model(cfg, cfg.weights if ckpt is None else None).to(device)
     if cfg.anomaly_map not in available_maps(model):
         raise RunError(f"model {cfg.model} cannot make the {cfg.anomaly_map!r} map")
-    opt_g = torch.optim.Adam(model.generator_parameters(), lr=cfg.lr, betas=cfg.betas)
+    params = model.generator_parameters()
+    opt_g = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas) if params else None
     opt_d = None
     if model.discriminator is not None:
         opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.d_lr, betas=cfg.betas)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt_g.load_state_dict(ckpt["opt_g"])
+        if opt_g is not None:
+            opt_g.load_state_dict(ckpt["opt_g"])
         if opt_d is not None:
             opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
@@ -198,7 +211,7 @@ def train(
     def state(calibration: dict | None = None) -> dict:
         return {
             "model": model.state_dict(),
-            "opt_g": opt_g.state_dict(),
+            "opt_g": opt_g.state_dict() if opt_g is not None else None,
             "opt_d": opt_d.state_dict() if opt_d is not None else None,
             "config": cfg.to_dict(),
             "step": step,
@@ -222,7 +235,15 @@ def train(
             while step < total:
                 idx = batch_indices(len(data.train), cfg.batch_size, step, cfg.seed)
                 x, y = data.train[idx].to(device), data.labels[idx].to(device)
-                losses = train_step(model, x, y, cfg, opt_g, opt_d, adversarial=step >= adv_from)
+                x_in, masks = x, None
+                if cfg.synthetic > 0:
+                    # Seeded by step, so a resumed run makes exactly the anomalies an uninterrupted one would.
+                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                    x_in, masks = synthesize(x, gen, cfg.synthetic)
+                    y = (masks.flatten(1).amax(1) > 0).long()
+                losses = train_step(
+                    model, x_in, y, cfg, opt_g, opt_d, adversarial=step >= adv_from, target=x, masks=masks
+                )
                 step += 1
                 log.writerow(
                     [
@@ -275,31 +296,38 @@ def train_step(
     opt_g: torch.optim.Optimizer,
     opt_d: torch.optim.Optimizer | None,
     adversarial: bool,
+    target: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One discriminator step (when the model has one and the game is on), then one step of the rest.
 
-    Every term whose weight is 0, or whose part the model lacks, is skipped and logged as 0.
+    `x` is the input; `target` what the decoder must give back (the clean image when `x` carries
+    synthetic anomalies, whose pixel `masks` then guide the class attention). Every term whose
+    weight is 0, or whose part the model lacks, is skipped and logged as 0.
     """
+    target = x if target is None else target
     out = model(x)  # z sampled
     zero = torch.zeros((), device=x.device)
     terms = dict.fromkeys(LOSSES[1:], zero)
     if adversarial and opt_d is not None and cfg.w_adv > 0:
         # Dis sees x̂ detached: its step must not move the encoder or decoder.
         terms["adv_d"] = discriminator_loss(
-            model.discriminator(x), model.discriminator(out.recon.detach()), cfg.real_label
+            model.discriminator(target), model.discriminator(out.recon.detach()), cfg.real_label
         )
         opt_d.zero_grad(set_to_none=True)
         terms["adv_d"].backward()
         opt_d.step()
         terms["adv_g"] = generator_adversarial_loss(model.discriminator(out.recon))
-    terms["rec"] = reconstruction_loss(out.logits, x, cfg.reduction, cfg.rec_loss)
+    terms["rec"] = reconstruction_loss(out.logits, target, cfg.reduction, cfg.rec_loss)
     if out.logvar is not None and cfg.w_kl > 0:
         terms["kl"] = kl_divergence(out.mu, out.logvar, cfg.reduction)
     if cfg.w_ae > 0:
         terms["ae"] = attention_expansion_loss(latent_attention(out))
     if out.class_logits is not None:
         terms["bce"] = classifier_loss(out.class_logits, labels)
-        if cfg.w_cga > 0:
+        if cfg.w_cga > 0 and masks is not None:
+            terms["cga"] = mask_guided_attention_loss(*class_attention(out), out.class_logits, labels, masks)
+        elif cfg.w_cga > 0:
             terms["cga"] = complementary_guided_attention_loss(
                 *class_attention(out), out.class_logits, labels
             )

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cavga.errors import CavgaError
+from cavga.networks.anchor import RawPatches
 from cavga.networks.blocks import (
     ConvLatent,
     DCGANDiscriminator,
@@ -44,8 +45,8 @@ class CAVGA(nn.Module):
         self,
         name: str,
         encoder: nn.Module,
-        latent: nn.Module,
-        decoder: nn.Module,
+        latent: nn.Module | None,
+        decoder: nn.Module | None,
         discriminator: nn.Module | None = None,
         classifier: nn.Module | None = None,
     ):
@@ -58,7 +59,8 @@ class CAVGA(nn.Module):
         self.classifier = classifier
 
     def generator_parameters(self) -> list[nn.Parameter]:
-        """Parameters of E, the latent heads, G and C (the discriminator has its own optimizer)."""
+        """Parameters of E, the latent heads, G and C (the discriminator has its own optimizer); none
+        for a training-free anchor."""
         parts = (self.encoder, self.latent, self.decoder, self.classifier)
         return [p for m in parts if m is not None for p in m.parameters()]
 
@@ -72,6 +74,9 @@ class CAVGA(nn.Module):
         sample = self.training if sample is None else sample
         feats = self.encoder(x)
         F = feats[max(feats)]
+        if self.latent is None or self.decoder is None:
+            # A training-free anchor: its features are everything; it reconstructs nothing (x̂ = x).
+            return ModelOutput(feats, F, F, None, F, x, x)
         mu, logvar = self.latent(F)
         z = reparameterize(mu, logvar, sample)
         logits = self.decoder(self.latent.to_grid(z))
@@ -86,6 +91,9 @@ PAPER_MAPS = {
     "l2": "squared residual (x − x̂)² averaged over channels (AE-L2)",
     "ssim": "1 − SSIM(x, x̂), 11×11 Gaussian window σ 1.5, averaged over channels (AE-SSIM)",
     "advae": "mean over latent dimensions of the Grad-CAM of each z_i on the last encoder stage (ADVAE)",
+    # The training-free anchors' own maps are registered maps (see cavga.maps.memory).
+    "memory": "raw-patch nearest neighbour per position (knn-patches)",
+    "nearest-image": "|x − nearest normal training image|, scored by their distance (knn-pixels)",
 }
 
 
@@ -95,19 +103,24 @@ class ModelSpec:
 
     name: str
     backbone: str  # "resnet" or "dcgan"
-    setting: str  # "unsupervised" or "weakly-supervised" (uses a few labelled anomalous images)
+    # "unsupervised", "weakly-supervised" (uses a few labelled anomalous images), "self-supervised"
+    # (normal images and synthetic anomalies made from them) or "training-free"
+    setting: str
     description: str
     build: Callable[..., CAVGA]
     paper_map: str  # key of PAPER_MAPS
     config: dict = field(default_factory=dict)  # TrainConfig values the model implies (loss, weights)
-    family: str = "cavga"  # "cavga", "ablation" or "baseline"
+    family: str = "cavga"  # "cavga", "ablation", "baseline" or "anchor"
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
 def check_image_size(backbone: str, image_size: int) -> None:
-    """R needs a multiple of 32; D a power of two ≥ 32 (its stack halves down to 4×4)."""
+    """R needs a multiple of 32; D a power of two ≥ 32 (its stack halves down to 4×4); the raw-patch
+    anchors a multiple of 16 (their patches tile the image)."""
+    if backbone == "raw" and (image_size < 16 or image_size % 16):
+        raise CavgaError(f"the anchors need an image size that is a multiple of 16 (got {image_size})")
     if backbone == "resnet" and (image_size < 32 or image_size % 32):
         raise CavgaError(f"CAVGA-R needs an image size that is a multiple of 32 (got {image_size})")
     if backbone == "dcgan" and (image_size < 32 or image_size & (image_size - 1)):
@@ -133,6 +146,8 @@ def build_network(
     """Assemble a network: ResNet-18 or DCGAN encoder, a convolutional or flattened (`flat`, 100-d)
     latent, the matching decoder, a discriminator when `adversarial`, the classifier C when `weakly`."""
     check_image_size(backbone, image_size)
+    if backbone == "raw":
+        return CAVGA(name, RawPatches(channels, image_size), None, None)
     if backbone == "resnet":
         enc: nn.Module = ResNetEncoder(channels, weights)
         latent_channels = latent_channels or 512
@@ -214,6 +229,28 @@ register_model(
     "CAVGA-Dw: CAVGA-D with classifier C on z, L_bce and L_cga",
     "attention-w",
     config=WEAK,
+    weakly=True,
+)
+# Self-supervised CAVGA (ours): the weakly supervised branch (C on z, class attention) trained on
+# synthetic anomalies made on the fly from the normal images, whose masks are known, so C and the
+# attention learn what a defect is without any real anomaly. The decoder restores the clean image.
+SELF = {"w_ae": 0.0, "w_bce": 1.0, "w_cga": 1.0, "synthetic": 0.5}
+register_model(
+    "cavga-rs",
+    "resnet",
+    "self-supervised",
+    "CAVGA-Rs (ours): CAVGA-Rw trained on synthetic anomalies of the normal images, no real anomaly",
+    "attention-w",
+    config=SELF,
+    weakly=True,
+)
+register_model(
+    "cavga-ds",
+    "dcgan",
+    "self-supervised",
+    "CAVGA-Ds (ours): CAVGA-Dw trained on synthetic anomalies of the normal images, no real anomaly",
+    "attention-w",
+    config=SELF,
     weakly=True,
 )
 # The paper's Table 8 ablations (all CAVGA-R): flattened 100-d z (R*), and without the attention loss.
@@ -311,6 +348,27 @@ register_model(
     BASELINE,
     flat=True,
     adversarial=False,
+)
+
+# Training-free anchors: what a method that learns nothing reaches on the same data.
+ANCHOR = {**NO_CLF, "w_adv": 0.0, "w_ae": 0.0, "w_kl": 0.0, "memory_pool": 1}
+register_model(
+    "knn-pixels",
+    "raw",
+    "training-free",
+    "anchor: whole-image nearest neighbour on standardised pixels (map: |x − nearest normal image|)",
+    "nearest-image",
+    "anchor",
+    {**ANCHOR, "anomaly_map": "nearest-image"},
+)
+register_model(
+    "knn-patches",
+    "raw",
+    "training-free",
+    "anchor: raw-patch nearest neighbour per position (patches of 1/16 of the image, coreset memory)",
+    "memory",
+    "anchor",
+    {**ANCHOR, "anomaly_map": "memory"},
 )
 
 

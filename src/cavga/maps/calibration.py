@@ -1,0 +1,198 @@
+"""Calibration on normal images only, and `MapMaker`, which computes calibrated maps and scores.
+
+A calibrated map's raw value r is divided by its 99th percentile on held-out normal images, then
+squashed to [0, 1) as r / (1 + r), so 0.5 means "as unusual as the top 1 % of normal pixels" and the
+paper's 0.5 cut becomes a threshold set without any anomalous image. Image thresholds are the
+(1 − false_alarm_rate) quantile of the held-out normal images' scores.
+
+With `image_score = "fused"` a calibrated map's image score also sees the whole image: its peak (or
+its own score) and the whole-image nearest-neighbour distance (`cavga.maps.memory.global_score`),
+each standardised by its mean and spread over the held-out normal images, are averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cavga.config import TrainConfig
+from cavga.maps.common import batches, quantile
+from cavga.maps.memory import ImageMemory, global_score
+from cavga.maps.registry import MAPS, MapContext, available_maps
+from cavga.networks import CAVGA, MODELS
+
+SCALE_QUANTILE = 0.99
+CALIBRATED = tuple(n for n, s in MAPS.items() if s.calibrated)
+
+
+def needed_maps(model: CAVGA, maps: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The maps asked for (None: every map the model can make) plus those they are computed from."""
+    names = available_maps(model)
+    if maps is None:
+        return names
+    want = set(maps) | {"paper"}  # panels and the API always show the model's own attention
+    own = MODELS[model.name].paper_map
+    if own in MAPS:
+        want.add(own)
+    for name in list(want):
+        want.update(MAPS[name].after if name in MAPS else ())
+    return tuple(n for n in names if n in want)
+
+
+class MapMaker:
+    """Computes reconstructions, the attention and the anomaly maps for batches of images."""
+
+    def __init__(
+        self,
+        model: CAVGA,
+        cfg: TrainConfig,
+        calibration: dict | None,
+        device: torch.device,
+        maps: tuple[str, ...] | None = None,
+    ):
+        self.model, self.cfg, self.cal, self.device = model, cfg, calibration, device
+        self.maps = needed_maps(model, maps)
+        cal = calibration or {}
+        self.fitted = cal.get("fitted", {})
+        self.scales = cal.get("scales", {})
+
+    @torch.no_grad()
+    def raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Uncalibrated maps (and `rawscore/<map>` where a map has its own score), plus `recon`
+        (B,C,H,W), `attention` (B,H,W), `residual_score` (B,) and, when fitted, `global_score` (B,)."""
+        self.model.eval()
+        x = x.to(self.device)
+        out = self.model(x, sample=False)
+        ctx = MapContext(self.model, self.cfg, x, out, self.fitted, scales=self.scales)
+        for name in sorted(self.maps, key=lambda n: bool(MAPS[n].after)):  # derived maps last
+            spec = MAPS[name]
+            if name == "paper" or (spec.fitter is not None and name not in self.fitted):
+                continue
+            if spec.after and not all(p in ctx.done and p in self.scales for p in spec.after):
+                continue  # a derived map needs its parts' scales: during calibration, a second pass
+            ctx.done[name], score = spec.compute(ctx)
+            if score is not None:
+                ctx.done[f"rawscore/{name}"] = score
+        ctx.done["paper"], ctx.done["paper_score"] = MAPS["paper"].compute(ctx)
+        res = {
+            **ctx.done,
+            "recon": out.recon,
+            "residual_score": (x - out.recon).abs().flatten(1).mean(1),  # the paper's image score s_a
+        }
+        if out.class_logits is not None:
+            res["class_probability"] = torch.softmax(out.class_logits, 1)[:, 1]
+        if "image-memory" in self.fitted:
+            res["global_score"] = global_score(x, out, self.cfg, self.fitted["image-memory"])
+        return res
+
+    def calibrated(self, res: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """From `raw` output: calibrated maps in [0, 1] and one score per map (`score/<map>`)."""
+        res = dict(res)
+        norms = (self.cal or {}).get("score_norms", {})
+        for name in self.maps:
+            if name not in res:
+                continue
+            if name == "paper":
+                res["score/paper"] = res["paper_score"]
+            elif MAPS[name].calibrated:
+                if name in self.scales:
+                    r = res[name] / self.scales[name]
+                    res[name] = r / (1 + r)
+                score = res.get(f"rawscore/{name}", res[name].flatten(1).amax(1))
+                if name in norms and "global" in norms:
+                    score = 0.5 * (
+                        _standard(score, norms[name]) + _standard(res["global_score"], norms["global"])
+                    )
+                res[f"score/{name}"] = score
+            else:
+                # The Grad-CAM maps are scaled per image (every image peaks at 1), so they take the
+                # paper's reconstruction-error score s_a.
+                res[f"score/{name}"] = res["residual_score"]
+        own = MODELS[self.model.name].paper_map
+        if own in MAPS and own in res:
+            # A training-free anchor's own map is one of ours: report it calibrated, with its score.
+            res["paper"], res["score/paper"] = res[own], res[f"score/{own}"]
+        return res
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Calibrated maps in [0, 1] and one image score per map (`score/<map>`)."""
+        return self.calibrated(self.raw(x))
+
+
+def _standard(score: torch.Tensor, norm: tuple[float, float]) -> torch.Tensor:
+    return (score - norm[0]) / norm[1]
+
+
+def _norm(scores: torch.Tensor) -> tuple[float, float]:
+    mean = float(scores.mean())
+    spread = float(scores.std()) if len(scores) > 1 else 0.0
+    return mean, spread + 1e-3 * abs(mean) + 1e-12
+
+
+def _set_scales(cal: dict, joined: dict[str, torch.Tensor], names: list[str] | tuple[str, ...]) -> None:
+    for name in names:
+        if MAPS[name].calibrated and name != "paper" and name in joined:
+            cal["scales"][name] = quantile(joined[name], SCALE_QUANTILE) + 1e-12
+
+
+@torch.no_grad()
+def fit_normal_states(
+    model: CAVGA, cfg: TrainConfig, images: torch.Tensor, device: torch.device, maps: tuple[str, ...]
+) -> dict:
+    """One pass over the normal training images feeding every fitter the maps need (and the
+    whole-image memory for the fused score); returns the fitted state per name."""
+    model.eval()
+    fitters = {n: MAPS[n].fitter(model, cfg, len(images)) for n in maps if MAPS[n].fitter is not None}
+    if cfg.image_score == "fused":
+        fitters["image-memory"] = ImageMemory(model, cfg, len(images))
+    for xb in batches(images, cfg.batch_size):
+        xb = xb.to(device)
+        out = model(xb, sample=False)
+        for f in fitters.values():
+            f.update(xb, out)
+    return {n: f.finish() for n, f in fitters.items()}
+
+
+@torch.no_grad()
+def calibrate(
+    model: CAVGA,
+    cfg: TrainConfig,
+    train_images: torch.Tensor,
+    calib_images: torch.Tensor,
+    device: torch.device,
+    maps: tuple[str, ...] | None = None,
+) -> dict:
+    """Normal states from the training images; scales, score norms and thresholds from held-out normal
+    images. No anomalous image is used.
+
+    Also stores each map's mean over the held-out normal images: the image-independent reference map
+    that evaluation reports beside the real one. (Held-out, not training images: a memory map is near
+    zero on the images it memorised.)
+    """
+    maps = needed_maps(model, maps)
+    cal: dict = {"fitted": fit_normal_states(model, cfg, train_images, device, maps), "scales": {}}
+    maker = MapMaker(model, cfg, cal, device, maps)  # shares cal["scales"], filled below
+
+    def held_out() -> dict[str, torch.Tensor]:
+        held = [maker.raw(xb) for xb in batches(calib_images, cfg.batch_size)]
+        return {k: torch.cat([h[k] for h in held]) for k in held[0]}
+
+    joined = held_out()
+    derived = [n for n in maps if MAPS[n].after]
+    if derived:
+        _set_scales(cal, joined, [n for n in maps if n not in derived])
+        joined = held_out()  # the derived maps, now that their parts' scales are known
+    _set_scales(cal, joined, maps)
+    if "global_score" in joined:
+        first = maker.calibrated(joined)  # peak scores of the calibrated maps, before any fusion
+        cal["score_norms"] = {"global": _norm(joined["global_score"])}
+        for name in maps:
+            if MAPS[name].calibrated and name != "paper":
+                cal["score_norms"][name] = _norm(first[f"score/{name}"])
+    out = maker.calibrated(joined)
+    cal["image_thresholds"] = {
+        name: quantile(out[f"score/{name}"], 1 - cfg.false_alarm_rate)
+        for name in maps
+        if f"score/{name}" in out
+    }
+    cal["mean_maps"] = {name: out[name].mean(0).cpu() for name in maps if name in out}
+    return cal

@@ -1,0 +1,61 @@
+"""Helpers the map families share: smoothing, quantiles, batching and encoder-stage lookup."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from cavga.attention import nearest_stride
+from cavga.config import TrainConfig
+from cavga.networks import ModelOutput
+
+
+def batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of at most `batch_size` images."""
+    for i in range(0, len(images), batch_size):
+        yield images[i : i + batch_size]
+
+
+def blur(maps: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Gaussian smoothing of (B, H, W) maps, σ = cfg.blur × image size (0: none)."""
+    sigma = cfg.blur * cfg.image_size
+    if sigma <= 0:
+        return maps
+    k = 2 * math.ceil(2 * sigma) + 1
+    return gaussian_blur(maps.unsqueeze(1), [k, k], [sigma, sigma]).squeeze(1)
+
+
+def quantile(t: torch.Tensor, q: float) -> float:
+    """The q-quantile of every value of `t`."""
+    # torch.quantile refuses very large inputs; a strided subsample of ≤ 4M values is plenty.
+    flat = t.flatten().float()
+    return float(torch.quantile(flat[:: max(1, flat.numel() // 4_000_000)], q))
+
+
+def layer(out: ModelOutput, name: str, pool: int = 1) -> torch.Tensor:
+    """An encoder stage by name ("s8" = stride 8, "z" = μ), averaged over each position's
+    pool × pool neighbourhood when pool > 1."""
+    f = out.mu if name == "z" else out.features[int(name.removeprefix("s"))]
+    if pool > 1:
+        # Texture defects (a contrast change, a foreign patch) alter local statistics more than any
+        # single position's features.
+        f = F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False)
+    return f
+
+
+def available_layers(out: ModelOutput, names: tuple[str, ...]) -> list[str]:
+    """The requested stages, each moved to the nearest stride the encoder has, without repeats.
+
+    Small inputs to CAVGA-D have fewer stages (a 32 px input stops at stride 8).
+    """
+    found: list[str] = []
+    for name in names:
+        if name != "z":
+            name = f"s{nearest_stride(out.features, int(name.removeprefix('s')))}"
+        if name not in found:
+            found.append(name)
+    return found

@@ -1,0 +1,203 @@
+"""Nearest-neighbour maps on a memory of normal features, in the manner of PatchCore, and the
+whole-image nearest neighbour.
+
+- `memory`: patch features of the normal training images at the chosen stages (each position's
+  neighbourhood averaged, stages resized to the finest one and concatenated), thinned by a seeded
+  greedy coreset; the map is each position's distance to its nearest kept feature.
+- `nearest-image`: the whole image, standardised, against every normal training image; the map is
+  |x − nearest| and the image score the distance.
+- `ImageMemory`: a whole-image embedding (standardised pixels and pooled features) of every training
+  image, whose nearest-neighbour distance is the whole-image score fused with a map's peak.
+
+Distances are computed in chunks so memory stays bounded whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cavga.attention import upsample
+from cavga.config import TrainConfig
+from cavga.maps.common import available_layers, blur, layer
+from cavga.maps.registry import Fitter, MapContext, MapSpec, register_map
+from cavga.networks import CAVGA, ModelOutput
+from cavga.networks.anchor import standardize
+
+CHUNK_ELEMENTS = 1 << 24  # distances held at once in `nearest_distance` (64 MB of float32)
+NEAREST_IMAGE_SIZE = 64  # the nearest-image map compares images at most this size (pixels per side)
+GLOBAL_PIXELS = 32  # the whole-image embedding's pixel part, at most this size per side
+GLOBAL_GRID = 4  # the whole-image embedding pools each stage to GLOBAL_GRID × GLOBAL_GRID
+
+
+def greedy_coreset(features: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Indices of `n` rows of `features` (N, D) chosen by greedy k-centre selection, and the radius:
+    every row lies within that Euclidean distance of a kept one (the greedy choice is within twice
+    the best possible radius). The first centre is drawn with `seed`; the rest follow deterministically.
+    """
+    N = len(features)
+    if n >= N:
+        return torch.arange(N), 0.0
+    first = int(torch.randint(N, (1,), generator=torch.Generator().manual_seed(seed)))
+    chosen = torch.empty(n, dtype=torch.long)
+    chosen[0] = first
+    sq = features.pow(2).sum(1)
+    # Squared distance of every row to its nearest chosen centre, updated as centres are added.
+    nearest = (sq - 2 * features @ features[first] + sq[first]).clamp_min(0)
+    for i in range(1, n):
+        nxt = int(nearest.argmax())
+        chosen[i] = nxt
+        nearest = torch.minimum(nearest, (sq - 2 * features @ features[nxt] + sq[nxt]).clamp_min(0))
+    return chosen, float(nearest.max().sqrt())
+
+
+def nearest_distance(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance (Q,) from each query row (Q, D) to its nearest bank row (M, D), and that row's index."""
+    step = max(1, CHUNK_ELEMENTS // max(1, len(bank)))
+    dist, index = [], []
+    for i in range(0, len(query), step):
+        d = torch.cdist(query[i : i + step], bank)
+        v, j = d.min(1)
+        dist.append(v)
+        index.append(j)
+    return torch.cat(dist), torch.cat(index)
+
+
+def memory_features(out: ModelOutput, cfg: TrainConfig) -> torch.Tensor:
+    """(B, D, h, w): the memory stages, neighbourhood-averaged, at the finest stage's grid, stacked."""
+    names = available_layers(out, cfg.memory_layers)
+    feats = [layer(out, n, cfg.memory_pool) for n in names]
+    grid = max(f.shape[-1] for f in feats)
+    return torch.cat(
+        [f if f.shape[-1] == grid else F.interpolate(f, size=grid, mode="bilinear") for f in feats], 1
+    )
+
+
+class MemoryFitter(Fitter):
+    """Up to `memory_candidates` training positions (an equal, seeded share per image), then the
+    greedy coreset of `coreset_size` of them."""
+
+    def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int):
+        self.cfg, self.n_images = cfg, max(1, n_images)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.parts: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor, out: ModelOutput) -> None:
+        f = memory_features(out, self.cfg).float()
+        B, D, h, w = f.shape
+        flat = f.permute(0, 2, 3, 1).reshape(B, h * w, D).cpu()
+        per_image = max(1, min(h * w, self.cfg.memory_candidates // self.n_images))
+        for i in range(B):
+            pick = torch.randperm(h * w, generator=self.gen)[:per_image]
+            self.parts.append(flat[i, pick])
+
+    def finish(self) -> dict:
+        candidates = torch.cat(self.parts)
+        keep, radius = greedy_coreset(candidates, self.cfg.coreset_size, self.cfg.seed)
+        return {"bank": candidates[keep].contiguous(), "radius": radius, "n_candidates": len(candidates)}
+
+
+def _memory(ctx: MapContext) -> tuple[torch.Tensor, None]:
+    f = memory_features(ctx.out, ctx.cfg)
+    B, D, h, w = f.shape
+    bank = ctx.fitted["memory"]["bank"].to(f.device)
+    d, _ = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, D), bank)
+    return blur(upsample(d.view(B, h, w), ctx.size), ctx.cfg), None
+
+
+def _small(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Standardised images at most `side` pixels wide (area-averaged)."""
+    x = standardize(x)
+    return F.adaptive_avg_pool2d(x, side) if x.shape[-1] > side else x
+
+
+class NearestImageFitter(Fitter):
+    """Every training image, standardised, at most `NEAREST_IMAGE_SIZE` pixels per side."""
+
+    def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int = 0):
+        self.parts: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor, out: ModelOutput) -> None:
+        self.parts.append(_small(x, NEAREST_IMAGE_SIZE).cpu())
+
+    def finish(self) -> dict:
+        return {"images": torch.cat(self.parts)}
+
+
+def _nearest_image(ctx: MapContext) -> tuple[torch.Tensor, torch.Tensor]:
+    q = _small(ctx.x, NEAREST_IMAGE_SIZE)
+    bank = ctx.fitted["nearest-image"]["images"].to(q.device)
+    dist, index = nearest_distance(q.flatten(1), bank.flatten(1))
+    diff = (q - bank[index]).abs().mean(1)  # (B, s, s)
+    return blur(upsample(diff, ctx.size), ctx.cfg), dist / math.sqrt(q[0].numel())
+
+
+register_map(
+    MapSpec(
+        "memory",
+        "distance of each position's encoder features to the nearest of a coreset of normal training "
+        "features (PatchCore-like)",
+        _memory,
+        fitter=MemoryFitter,
+    )
+)
+register_map(
+    MapSpec(
+        "nearest-image",
+        "|x − n| with n the nearest normal training image (both standardised); score: their distance",
+        _nearest_image,
+        fitter=NearestImageFitter,
+    )
+)
+
+
+def image_embedding(x: torch.Tensor, out: ModelOutput, cfg: TrainConfig) -> list[torch.Tensor]:
+    """Blocks of a whole-image embedding: the standardised image at ≤ `GLOBAL_PIXELS` px, then each
+    `stats_layers` stage pooled to a `GLOBAL_GRID` grid; each (B, D_i)."""
+    blocks = [_small(x, GLOBAL_PIXELS).flatten(1)]
+    for name in available_layers(out, cfg.stats_layers):
+        blocks.append(F.adaptive_avg_pool2d(layer(out, name), GLOBAL_GRID).flatten(1))
+    return [b.float() for b in blocks]
+
+
+class ImageMemory(Fitter):
+    """The whole-image embeddings of the normal training images. Each feature block is standardised
+    per dimension by the training mean and spread and every block divided by √D, so pixels and each
+    stage weigh the same in the distance."""
+
+    def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int = 0):
+        self.cfg = cfg
+        self.parts: list[list[torch.Tensor]] = []
+
+    def update(self, x: torch.Tensor, out: ModelOutput) -> None:
+        self.parts.append([b.cpu() for b in image_embedding(x, out, self.cfg)])
+
+    def finish(self) -> dict:
+        blocks = [torch.cat(p) for p in zip(*self.parts, strict=True)]
+        state: dict = {"mean": [b.mean(0) for b in blocks], "std": []}
+        for b in blocks:
+            sd = b.std(0) if len(b) > 1 else torch.ones(b.shape[1])
+            # A floor: a dimension constant over the training images (a blank border) must not turn
+            # a small change there into an unbounded distance.
+            state["std"].append(sd + 0.1 * sd.mean() + 1e-6)
+        state["bank"] = embed(blocks, state)
+        return state
+
+
+def embed(blocks: list[torch.Tensor], state: dict) -> torch.Tensor:
+    """Blocks (see `image_embedding`) standardised with the training statistics and concatenated."""
+    return torch.cat(
+        [
+            (b - m.to(b.device)) / s.to(b.device) / math.sqrt(b.shape[1])
+            for b, m, s in zip(blocks, state["mean"], state["std"], strict=True)
+        ],
+        1,
+    )
+
+
+def global_score(x: torch.Tensor, out: ModelOutput, cfg: TrainConfig, state: dict) -> torch.Tensor:
+    """(B,) distance of each image's embedding to its nearest normal training image's."""
+    q = embed(image_embedding(x, out, cfg), state)
+    return nearest_distance(q, state["bank"].to(q.device))[0]
