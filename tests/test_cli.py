@@ -64,7 +64,9 @@ def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> N
     run = tmp_path / "run"
     assert main(train_args(data, run, model)) == 0
     ckpt = load_checkpoint(run)
-    assert ckpt["step"] == 3 and ckpt["model_name"] == model and ckpt["calibration"] is not None
+    setting = MODELS[model].setting
+    steps = 0 if setting == "training-free" else 3  # the anchors learn nothing
+    assert ckpt["step"] == steps and ckpt["model_name"] == model and ckpt["calibration"] is not None
     assert {"model", "opt_g", "opt_d", "config", "step", "version"} <= set(ckpt)
     recorded = json.loads((run / "config.json").read_text())
     assert (recorded["model"], recorded["setting"]) == (model, MODELS[model].setting)
@@ -76,11 +78,13 @@ def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> N
     for key in ("pixel_iou", "pixel_auroc", "image_auroc", "detection_accuracy", "aupro"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert set(metrics["per_type"]) == {"scratch", "stain", "hole", "patch", "color"}
-    assert set(metrics["references"]) == {"image-independent", "residual"}
+    assert set(metrics["references"]) == {"image-independent", "residual", "whole-image"}
     assert metrics["references"]["image-independent"]["overall"]["image_auroc"] == 0.5
     assert (metrics["model"], metrics["setting"]) == (model, MODELS[model].setting)
     assert metrics["n_removed_for_training"] == (1 if weak else 0)
-    assert ("classifier_detection_accuracy" in metrics) == weak
+    # C decides beside the map for every model that has it (weakly and self-supervised).
+    has_classifier = setting in ("weakly-supervised", "self-supervised")
+    assert ("classifier_detection_accuracy" in metrics) == has_classifier
     n_test = 4 + 5 * 2 - metrics["n_removed_for_training"]
     assert metrics["n_images"] == n_test
     assert len(list((run / "panels").glob("*.png"))) == n_test
@@ -108,8 +112,8 @@ def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> N
         for k in ("map", "mask", "overlay"):
             assert (out / row[k]).is_file()
         assert float(row["score"]) >= 0 and row["anomalous"] in ("0", "1")
-        assert (row["class_probability"] != "") == weak
-        if weak:
+        assert (row["class_probability"] != "") == has_classifier
+        if has_classifier:
             assert 0.0 <= float(row["class_probability"]) <= 1.0
 
 

@@ -14,7 +14,9 @@ from cavga.losses import classifier_loss, kl_divergence, reconstruction_loss
 from cavga.networks import MODELS, create_model
 from cavga.networks.blocks import FlatLatent
 
-INVALID_SIZES = {"resnet": [16, 40, 48], "dcgan": [16, 48, 96]}
+INVALID_SIZES = {"resnet": [16, 40, 48], "dcgan": [16, 48, 96], "raw": [8, 24, 40]}
+TRAINABLE = sorted(n for n, s in MODELS.items() if s.setting != "training-free")
+ANCHORS = sorted(n for n, s in MODELS.items() if s.setting == "training-free")
 
 
 def _grid(name: str, size: int) -> int:
@@ -23,7 +25,7 @@ def _grid(name: str, size: int) -> int:
 
 @pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_forward_shapes_and_finite_generator_gradients(name, channels, size):
     """A conv z keeps the h×w grid of F, a flattened one is 100-d; x̂ has x's shape in [0, 1]; Dis
     gives (B,) and C (B, 2) where the model has them; the full generator loss reaches every
@@ -44,7 +46,7 @@ def test_forward_shapes_and_finite_generator_gradients(name, channels, size):
     assert (model.discriminator is None) == (MODELS[name].family == "baseline")
     if model.discriminator is not None:
         assert model.discriminator(x).shape == (2,)
-    weak = MODELS[name].setting == "weakly-supervised"
+    weak = MODELS[name].setting in ("weakly-supervised", "self-supervised")  # both have C
     assert (out.class_logits is not None) == weak
     loss = reconstruction_loss(out.logits, x) + attention_expansion_loss(latent_attention(out))
     if out.logvar is not None:
@@ -56,6 +58,29 @@ def test_forward_shapes_and_finite_generator_gradients(name, channels, size):
         assert p.grad is not None and torch.isfinite(p.grad).all()
     if model.discriminator is not None:
         assert all(p.grad is None for p in model.discriminator.parameters())
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", ANCHORS)
+def test_anchors_are_raw_patches_of_the_standardised_image_and_learn_nothing(name, channels, size):
+    """An anchor has no parameters and reconstructs nothing (x̂ = x); its one feature map holds, at each
+    position, the p×p patch (p = size/16, at least 4; stride p/2) of the image standardised to zero
+    mean and unit variance, which does not change with the image's brightness or contrast."""
+    model = create_model(name, size, channels)
+    assert list(model.parameters()) == [] and model.generator_parameters() == []
+    x = torch.rand(2, channels, size, size)
+    out = model(x)
+    assert out.recon is x and out.logvar is None and out.class_logits is None
+    p = max(4, size // 16)
+    (stride,) = out.features
+    assert stride == p // 2 and out.F.shape == (2, channels * p * p, size // stride, size // stride)
+    xs = (x - x.flatten(1).mean(1).view(-1, 1, 1, 1)) / (x.flatten(1).std(1).view(-1, 1, 1, 1) + 1e-6)
+    # Position (1, 1) covers rows and columns stride − p/4 … stride − p/4 + p − 1 (padding p/4).
+    r = stride - p // 4
+    patch = xs[:, :, r : r + p, r : r + p].reshape(2, -1)
+    torch.testing.assert_close(out.F[:, :, 1, 1], patch)
+    torch.testing.assert_close(model(0.5 * x + 0.2).F, out.F, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

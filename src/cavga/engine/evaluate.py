@@ -69,7 +69,8 @@ def evaluate(
 
     Writes `metrics.json` and, with `panels`, one PNG panel per test image to `<run>/panels`.
     Top-level metrics are those of the run's `anomaly_map`; `maps` holds every map's metrics and
-    `references` the image-independent map (the mean training map on every image) and the
+    `references` the image-independent map (the mean held-out normal map on every image), the whole-image
+    nearest-neighbour score alone (image metrics) and the
     residual alone, so a fixed pattern is never mistaken for localisation.
     """
     run = Path(run_dir)
@@ -117,6 +118,9 @@ def evaluate(
         "image-independent": metrics_of(constant, np.zeros(len(samples))),
         "residual": per_map["residual"],
     }
+    if "global_score" in out:
+        # The whole-image nearest-neighbour score alone (image metrics only): what the fused score adds.
+        references["whole-image"] = summarize(None, None, out["global_score"], labels, types)
     threshold = ckpt["calibration"]["image_thresholds"][chosen]
     calibrated = summarize(None, None, out[f"score/{chosen}"], labels, types, image_threshold=threshold)
     result: dict[str, Any] = {
@@ -177,7 +181,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [
         (n + (" *" if n == result["anomaly_map"] else ""), m["overall"]) for n, m in result["maps"].items()
     ]
-    rows.append(("ref: image-independent", result["references"]["image-independent"]["overall"]))
+    rows += [(f"ref: {k}", v["overall"]) for k, v in result["references"].items() if k != "residual"]
     for name, m in rows:
         lines.append(f"{name:<28}" + "".join(f"{fmt(m[c]):>20}" for c in cols))
     lines.append("")

@@ -98,7 +98,7 @@ class MapMaker:
                     r = res[name] / self.scales[name]
                     res[name] = r / (1 + r)
                 score = res.get(f"rawscore/{name}", res[name].flatten(1).amax(1))
-                if name in norms and "global" in norms:
+                if self.cfg.image_score == "fused" and name in norms:
                     score = 0.5 * (
                         _standard(score, norms[name]) + _standard(res["global_score"], norms["global"])
                     )
@@ -138,12 +138,11 @@ def _set_scales(cal: dict, joined: dict[str, torch.Tensor], names: list[str] | t
 def fit_normal_states(
     model: CAVGA, cfg: TrainConfig, images: torch.Tensor, device: torch.device, maps: tuple[str, ...]
 ) -> dict:
-    """One pass over the normal training images feeding every fitter the maps need (and the
-    whole-image memory for the fused score); returns the fitted state per name."""
+    """One pass over the normal training images feeding every fitter the maps need and the
+    whole-image memory (for the fused score); returns the fitted state per name."""
     model.eval()
     fitters = {n: MAPS[n].fitter(model, cfg, len(images)) for n in maps if MAPS[n].fitter is not None}
-    if cfg.image_score == "fused":
-        fitters["image-memory"] = ImageMemory(model, cfg, len(images))
+    fitters["image-memory"] = ImageMemory(model, cfg, len(images))
     for xb in batches(images, cfg.batch_size):
         xb = xb.to(device)
         out = model(xb, sample=False)
@@ -183,7 +182,7 @@ def calibrate(
         joined = held_out()  # the derived maps, now that their parts' scales are known
     _set_scales(cal, joined, maps)
     if "global_score" in joined:
-        first = maker.calibrated(joined)  # peak scores of the calibrated maps, before any fusion
+        first = maker.calibrated(joined)  # peak scores: no score norms exist yet to fuse with
         cal["score_norms"] = {"global": _norm(joined["global_score"])}
         for name in maps:
             if MAPS[name].calibrated and name != "paper":
