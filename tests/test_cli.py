@@ -212,3 +212,28 @@ def test_python_api_predicts_on_paths_pil_and_arrays(data: Path, tmp_path: Path)
         predictor.predict(colour)
     with pytest.raises(DataError, match=r"\[0, 1\]"):
         predictor.predict(np.full((8, 8), 3.0))
+
+
+@pytest.mark.parametrize(
+    "model", [n for n, s in MODELS.items() if s.setting != "weakly-supervised" and not s.family == "ablation"]
+)
+def test_no_real_anomaly_reaches_training_or_calibration(data: Path, tmp_path: Path, monkeypatch, model: str):
+    """Unsupervised, self-supervised and training-free runs open no file under test/ or ground_truth/
+    while training and calibrating: every image file opened is recorded, and the check fails if any
+    anomalous image, normal test image or mask is among them."""
+    import PIL.Image
+
+    opened: list[Path] = []
+    real_open = PIL.Image.open
+
+    def recording_open(fp, *args, **kwargs):
+        if isinstance(fp, (str, Path)):
+            opened.append(Path(fp).resolve())
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", recording_open)
+    assert main(train_args(data, tmp_path / "run", model, 2)) == 0
+    train_dir = (data / "brick" / "train").resolve()
+    assert opened and all(train_dir in p.parents for p in opened), sorted(
+        set(opened) - set(train_dir.rglob("*"))
+    )

@@ -180,3 +180,21 @@ def test_complementary_guided_attention_loss_counts_only_correct_normal_images()
     # A normal attention that covers everything and an empty anomalous one give zero.
     full, empty = torch.ones(1, 2, 2), torch.zeros(1, 2, 2)
     assert complementary_guided_attention_loss(full, empty, logits[:1], labels[:1]).item() == 0.0
+
+
+def test_mask_guided_attention_loss_by_hand():
+    """Anomalous image: |A^a − m| + |A^n − (1 − m)| on the attention grid, m the max-pooled pixel mask;
+    normal image: the paper's L_cga term (counted only when C is right); the mean is over all N."""
+    from cavga.losses import mask_guided_attention_loss
+
+    a_n = torch.tensor([[[1.0, 0.5], [1.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    a_a = torch.tensor([[[0.0, 0.5], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # image 0 classified normal, image 1 anomalous
+    labels = torch.tensor([0, 1])
+    masks = torch.zeros(2, 4, 4)
+    masks[1, 0, 1] = 1.0  # one pixel of the top-left 2×2 cell of image 1
+    # Image 0 (normal, correct): mean(1 − A^n) + mean(A^a) = 0.125 + 0.125.
+    # Image 1: m = [[1, 0], [0, 0]]; mean|A^a − m| = 0; mean|A^n − (1 − m)| = (0.5 + 0.5·3) / 4 = 0.5.
+    expected = (0.25 + 0.5) / 2
+    loss = mask_guided_attention_loss(a_n, a_a, logits, labels, masks)
+    torch.testing.assert_close(loss, torch.tensor(expected))

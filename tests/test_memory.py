@@ -1,0 +1,127 @@
+"""The memory maps: greedy coreset, chunked nearest neighbours, the memory and nearest-image maps and
+the fused image score, on small constructed cases."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cavga.config import make_config
+from cavga.maps import MapMaker, calibrate, greedy_coreset, nearest_distance
+from cavga.maps import memory as memory_module
+from cavga.networks import create_model
+
+CPU = torch.device("cpu")
+
+
+def clusters(n_clusters: int = 6, per: int = 50, dim: int = 8, spread: float = 0.05, seed: int = 0):
+    """Tight clusters around far-apart centres: the optimal k-centre radius is at most `spread`·√dim."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 10 * torch.randn(n_clusters, dim, generator=g)
+    points = centres.repeat_interleave(per, 0) + spread * torch.randn(n_clusters * per, dim, generator=g)
+    return points, centres
+
+
+def test_coreset_is_seeded_and_covers_every_feature_within_its_radius():
+    """With k = number of clusters the greedy choice keeps one point per cluster; every feature lies
+    within the returned radius of a kept one, and that radius is within twice the best possible
+    (each cluster's diameter). The same seed gives the same choice; another seed another first centre."""
+    points, _ = clusters()
+    keep, radius = greedy_coreset(points, 6, seed=3)
+    assert len(set((keep // 50).tolist())) == 6  # one per cluster
+    nearest = torch.cdist(points, points[keep]).min(1).values
+    assert nearest.max() <= radius + 1e-5
+    assert radius <= 2 * torch.cdist(points[:50], points[:50]).max()
+    again, _ = greedy_coreset(points, 6, seed=3)
+    assert torch.equal(keep, again)
+    other, _ = greedy_coreset(points, 6, seed=4)
+    assert not torch.equal(keep, other)
+    everything, r0 = greedy_coreset(points, 10_000)
+    assert torch.equal(everything, torch.arange(len(points))) and r0 == 0.0
+
+
+def test_coreset_radius_shrinks_as_more_points_are_kept():
+    points, _ = clusters(n_clusters=3, per=100, spread=1.0)
+    radii = [greedy_coreset(points, k, seed=0)[1] for k in (3, 30, 100)]
+    assert radii[0] > radii[1] > radii[2]
+
+
+def test_chunked_nearest_distance_equals_the_brute_force_one(monkeypatch):
+    """Splitting the queries into chunks (forced tiny here) changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    q, bank = torch.randn(37, 5, generator=g), torch.randn(23, 5, generator=g)
+    d = torch.cdist(q, bank)
+    monkeypatch.setattr(memory_module, "CHUNK_ELEMENTS", 50)  # two queries per chunk
+    dist, index = nearest_distance(q, bank)
+    torch.testing.assert_close(dist, d.min(1).values)
+    assert torch.equal(index, d.argmin(1))
+
+
+def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    base = 0.5 + 0.25 * torch.sin((ii + jj).float() * 0.5)
+    return (base + 0.05 * torch.rand(n, 1, size, size, generator=g)).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def anchor():
+    cfg = make_config(model="knn-patches", image_size=32, batch_size=4, blur=0.0, coreset_size=100_000)
+    model = create_model("knn-patches", 32, 1)
+    train, calib = _images(6, 1), _images(4, 2)
+    return model, cfg, train, calib, calibrate(model, cfg, train, calib, CPU)
+
+
+def test_memory_map_is_the_raw_patch_distance_to_the_nearest_training_patch(anchor):
+    """With every candidate kept, a training image's own patches are in memory (distance 0), and a
+    new image's raw map is each patch's distance to its nearest training patch, computed directly."""
+    model, cfg, train, _, cal = anchor
+    maker = MapMaker(model, cfg, cal, CPU, maps=("memory",))
+    # cdist's matrix-product form leaves a few 1e-3 of rounding in a zero distance of 64-d patches.
+    assert maker.raw(train[:1])["memory"].abs().max() < 5e-3
+    x = _images(1, 9)
+    x[..., 10:16, 10:16] = 1.0  # a bright square
+    raw = maker.raw(x)["memory"]
+    patches = model(x).F[0].flatten(1).T  # (positions, p²)
+    bank = torch.cat([model(t[None]).F[0].flatten(1).T for t in train])
+    direct = torch.cdist(patches, bank).min(1).values.view(16, 16)
+    # Bilinear upsampling of the 16×16 grid to 32×32 keeps its mean.
+    torch.testing.assert_close(raw[0].mean(), direct.mean(), rtol=1e-4, atol=1e-4)
+    assert raw[0, 10:16, 10:16].mean() > 5 * raw[0, 24:, 24:].mean()
+
+
+def test_nearest_image_map_and_score(anchor):
+    """The nearest-image score is the RMS distance of the standardised image to the nearest standardised
+    training image, and the map is their absolute difference; a training image scores 0."""
+    model, cfg, train, _, cal = anchor
+    maker = MapMaker(model, cfg, cal, CPU, maps=("nearest-image",))
+    assert maker.raw(train[2:3])["rawscore/nearest-image"].item() < 1e-4
+    x = 1 - train[:1]
+    res = maker.raw(x)
+    std = lambda t: (t - t.mean()) / (t.std() + 1e-6)  # noqa: E731
+    dists = torch.stack([(std(x[0]) - std(t)).pow(2).mean().sqrt() for t in train])
+    torch.testing.assert_close(res["rawscore/nearest-image"][0], dists.min(), rtol=1e-4, atol=1e-5)
+    nearest = train[int(dists.argmin())]
+    torch.testing.assert_close(
+        res["nearest-image"][0], (std(x[0]) - std(nearest)).abs()[0], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_fused_score_is_the_mean_of_standardised_peak_and_whole_image_scores(anchor):
+    """fused = ½ [(peak − μ_peak)/σ_peak + (whole − μ_whole)/σ_whole], with μ and σ from the held-out
+    normal images only; the peak score is kept for image_score = "peak"."""
+    model, cfg, _, calib, cal = anchor
+    x = torch.cat([_images(2, 5), torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))])
+    peak = MapMaker(model, cfg, cal, CPU, maps=("memory",))(x)
+    fused_cfg = dataclasses.replace(cfg, image_score="fused")
+    fused = MapMaker(model, fused_cfg, cal, CPU, maps=("memory",))(x)
+    torch.testing.assert_close(peak["score/memory"], peak["memory"].flatten(1).amax(1))
+    held = MapMaker(model, cfg, cal, CPU, maps=("memory",))(calib)
+    norm = lambda s, ref: (s - ref.mean()) / (ref.std() + 1e-3 * ref.mean().abs() + 1e-12)  # noqa: E731
+    expected = 0.5 * (
+        norm(peak["score/memory"], held["score/memory"]) + norm(peak["global_score"], held["global_score"])
+    )
+    torch.testing.assert_close(fused["score/memory"], expected, rtol=1e-4, atol=1e-4)
+    assert fused["score/memory"][2] > fused["score/memory"][:2].max()  # noise is far from everything
