@@ -42,6 +42,7 @@ def _train_args(args: argparse.Namespace) -> dict:
         "checkpoint_every": args.checkpoint_every,
         "anomalous_dir": args.anomalous_dir,
         "weak_fraction": args.weak_fraction,
+        "image_score": args.image_score,
     }
 
 
@@ -113,6 +114,9 @@ def _add_run_settings(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--image-score", choices=("peak", "fused"), default=None, help="image score (see `cavga train`)"
+    )
     p.add_argument("--out", required=True, help=f"output folder; a stopped {what} resumes there")
     p.add_argument("--quiet", action="store_true")
 
@@ -128,7 +132,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.seeds,
         progress=not args.quiet,
         maps=tuple(parse_list(args.maps)),
-        **_given(args, "preset", "image_size", "steps", "batch_size", "device"),
+        **_given(args, "preset", "image_size", "steps", "batch_size", "device", "image_score"),
     )
     out = Path(args.out)
     print((out / "compare.md").read_text())
@@ -149,7 +153,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         seed=args.seed,
         download=args.download,
         progress=not args.quiet,
-        **_given(args, "preset", "image_size", "steps", "epochs", "batch_size", "device"),
+        **_given(args, "preset", "image_size", "steps", "epochs", "batch_size", "device", "image_score"),
     )
     out = Path(args.out)
     print((out / "benchmark.md").read_text())
@@ -299,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="weakly supervised models: fraction of the anomalous test images moved into training (0.02)",
+    )
+    t.add_argument(
+        "--image-score",
+        choices=("peak", "fused"),
+        default=None,
+        help="image score of the calibrated maps: the map's peak, or fused with the whole-image "
+        "nearest-neighbour score (both standardised on held-out normal images)",
     )
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")

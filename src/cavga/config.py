@@ -75,6 +75,8 @@ class TrainConfig:
         if unknown:
             raise CavgaError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         d = dict(d)
+        if d.get("image_score", "peak") not in ("peak", "fused"):
+            raise CavgaError(f"image_score must be 'peak' or 'fused', not {d['image_score']!r}")
         for key in ("betas", "stats_layers", "memory_layers"):
             if key in d and d[key] is not None:
                 d[key] = tuple(d[key])
