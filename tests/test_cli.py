@@ -237,3 +237,30 @@ def test_no_real_anomaly_reaches_training_or_calibration(data: Path, tmp_path: P
     assert opened and all(train_dir in p.parents for p in opened), sorted(
         set(opened) - set(train_dir.rglob("*"))
     )
+
+
+def test_self_supervised_training_sees_synthetic_anomalies_with_their_masks(
+    data: Path, tmp_path, monkeypatch
+):
+    """cavga-rs trains on normal images, about half of them given a synthetic anomaly: the input
+    differs from the clean target exactly on the mask, the label is 1 exactly where the mask is not
+    empty, and the decoder's target is the clean image. The anomalies are seeded by step."""
+    seen: list[tuple] = []
+    real_step = train_mod.train_step
+
+    def spy(model, x, labels, cfg, opt_g, opt_d, adversarial, target=None, masks=None):
+        seen.append((x.clone(), labels.clone(), target.clone(), masks.clone()))
+        return real_step(model, x, labels, cfg, opt_g, opt_d, adversarial, target=target, masks=masks)
+
+    monkeypatch.setattr(train_mod, "train_step", spy)
+    assert main(train_args(data, tmp_path / "a", "cavga-rs", 4)) == 0
+    first = list(seen)
+    assert len(first) == 4
+    for x, labels, target, masks in first:
+        changed = (x - target).abs().amax(1) > 0
+        assert torch.equal(changed, masks.bool())
+        assert torch.equal(labels, (masks.flatten(1).amax(1) > 0).long())
+    assert 0 < sum(int(lab.sum()) for _, lab, _, _ in first) < 16
+    seen.clear()
+    assert main(train_args(data, tmp_path / "b", "cavga-rs", 4)) == 0
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, seen, strict=True))

@@ -52,7 +52,8 @@ class MapMaker:
         self.model, self.cfg, self.cal, self.device = model, cfg, calibration, device
         self.maps = needed_maps(model, maps)
         cal = calibration or {}
-        self.fitted = cal.get("fitted", {})
+        # Runs calibrated before the maps package stored latent-stats' statistics under "stats".
+        self.fitted = cal.get("fitted", {"latent-stats": cal["stats"]} if "stats" in cal else {})
         self.scales = cal.get("scales", {})
 
     @torch.no_grad()
