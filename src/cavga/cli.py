@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from cavga import __version__
+from cavga.config import DEFAULT_STEPS
 from cavga.errors import CavgaError
 
 DEMO_STEPS = 60
@@ -62,8 +63,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.data:
             raise CavgaError("--data is required (a folder in MVTec AD layout)")
-        if not args.steps and not args.epochs:
-            args.epochs = 50
         cfg = make_config(args.preset, **_train_args(args))
         run = train(
             cfg, args.data, args.out or _default_out(args), category=args.category, progress=not args.quiet
@@ -280,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="default", help="default (measured on this project's data) or paper")
     t.add_argument("--image-size", type=int, default=None, help="square input size (default 128)")
     length = t.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, help="training length in epochs (default 50)")
+    length.add_argument(
+        "--epochs", type=int, help=f"training length in epochs (default: {DEFAULT_STEPS} steps)"
+    )
     length.add_argument("--steps", type=int, help="training length in steps (with --resume: new total)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
@@ -394,9 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="the dataset root as its authors ship it (not needed for mnist5k and elpv)")
     b.add_argument("--models", default="cavga-du", help="comma-separated model names (see `cavga models`)")
     b.add_argument("--category", help="comma-separated categories / scenes / classes (default: all)")
-    b_length = b.add_mutually_exclusive_group(required=True)
+    b_length = b.add_mutually_exclusive_group()
     b_length.add_argument("--epochs", type=int, help="training epochs per cell")
-    b_length.add_argument("--steps", type=int, help="training steps per cell")
+    b_length.add_argument("--steps", type=int, help=f"training steps per cell (default {DEFAULT_STEPS})")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--download", action="store_true", help="MNIST-type sets: let torchvision download them")
     _add_run_settings(b, "benchmark")

@@ -8,6 +8,11 @@ from typing import Any
 
 from cavga.errors import CavgaError
 
+# Training length when neither steps nor epochs are given: sized so that the default model trains and
+# calibrates on about 700 images at 128 px within 30 minutes on the slower 2-core CI machine (see
+# docs/method.md, "Real data").
+DEFAULT_STEPS = 300
+
 
 @dataclass
 class TrainConfig:

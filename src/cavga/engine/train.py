@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cavga.attention import attention_expansion_loss, class_attention, latent_attention
-from cavga.config import TrainConfig
+from cavga.config import DEFAULT_STEPS, TrainConfig
 from cavga.data import (
     anomalous_folder,
     category_dir,
@@ -119,14 +119,14 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 
 
 def total_steps(cfg: TrainConfig, n: int) -> int:
-    """`steps`, or `epochs` × batches per epoch; one of them must be set (none for an anchor)."""
+    """`steps`, or `epochs` × batches per epoch, or `DEFAULT_STEPS`; none for an anchor."""
     if MODELS[cfg.model].setting == "training-free":
         return 0
     if cfg.steps:
         return cfg.steps
     if cfg.epochs:
         return cfg.epochs * max(1, n // min(cfg.batch_size, n))
-    raise RunError("give the training length with --steps or --epochs")
+    return DEFAULT_STEPS
 
 
 def train(
