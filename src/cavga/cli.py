@@ -79,7 +79,13 @@ def cmd_test(args: argparse.Namespace) -> int:
     from cavga.engine.evaluate import evaluate, format_table
 
     result = evaluate(
-        args.run, args.data, args.category, panels=not args.no_panels, device=args.device, force=args.force
+        args.run,
+        args.data,
+        args.category,
+        panels=not args.no_panels,
+        device=args.device,
+        force=args.force,
+        all_maps=args.all_maps,
     )
     print(format_table(result))
     print(
@@ -331,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--category", help="category (default: the run's)")
     e.add_argument("--no-panels", action="store_true", help="skip the per-image PNG panels")
     e.add_argument("--force", action="store_true", help="test even on another category than the run's")
+    e.add_argument(
+        "--all-maps", action="store_true", help="also the Grad-CAM variants (a backward pass each; slower)"
+    )
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_test)
 

@@ -39,7 +39,14 @@ def _run(out: Path, model: str, category: str, seed: int) -> Path:
 
 
 def train_and_test(
-    data: Path, category: str, model: str, seed: int, out: Path, overrides: dict[str, Any], progress: bool
+    data: Path,
+    category: str,
+    model: str,
+    seed: int,
+    out: Path,
+    overrides: dict[str, Any],
+    progress: bool,
+    all_maps: bool = False,
 ) -> dict[str, Any]:
     """One cell of the comparison: train (or resume, or reuse) and evaluate; returns metrics.json."""
     run = _run(out, model, category, seed)
@@ -51,7 +58,7 @@ def train_and_test(
     else:
         cfg = make_config(overrides.pop("preset", "default"), model=model, seed=seed, **overrides)
         train(cfg, data, run, category=category or None, progress=progress)
-    return evaluate(run, panels=False)
+    return evaluate(run, panels=False, all_maps=all_maps)
 
 
 DEFAULT_MAPS = ("paper", "default")
@@ -81,13 +88,15 @@ def compare(
             f"unknown map(s) {', '.join(bad_maps)}; choose from: default, all, {', '.join(MAPS)}"
         )
     categories = categories or list_categories(data)
+    # The Grad-CAM variants cost a backward pass each: computed only when the table shows them.
+    slow = "all" in maps or any(m in MAPS and not MAPS[m].calibrated and m != "paper" for m in maps)
     cells = []
     total = len(models) * len(categories) * seeds
     for model in models:
         for seed in range(seeds):
             for cat in categories:
                 print(f"[{len(cells) + 1}/{total}] {model} {cat or data.name} seed {seed}", flush=True)
-                res = train_and_test(data, cat, model, seed, out, dict(overrides), progress)
+                res = train_and_test(data, cat, model, seed, out, dict(overrides), progress, slow)
                 summary = json.loads((_run(out, model, cat, seed) / "train_summary.json").read_text())
                 cells.append({"model": model, "category": cat, "seed": seed, "result": res, "train": summary})
     rows = table_rows(cells, maps)

@@ -35,6 +35,11 @@ def run_maps(maker: MapMaker, images: torch.Tensor, batch_size: int) -> dict[str
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def cheap_maps(cfg) -> tuple[str, ...]:
+    """Every map but the Grad-CAM variants (uncalibrated maps other than `paper`), plus the run's own."""
+    return tuple(n for n, s in MAPS.items() if s.calibrated or n in ("paper", cfg.anomaly_map))
+
+
 def check_run_matches(ckpt: dict[str, Any], cat_dir: Path, force: bool = False) -> None:
     """Refuse to test a run on another category than it was trained on (its normal statistics and
     thresholds describe that category only), unless `force`."""
@@ -64,10 +69,12 @@ def evaluate(
     panels: bool = True,
     device: str = "auto",
     force: bool = False,
+    all_maps: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run on `<category>/test` (data and category default to the training ones).
 
-    Writes `metrics.json` and, with `panels`, one PNG panel per test image to `<run>/panels`.
+    Writes `metrics.json` and, with `panels`, one PNG panel per test image to `<run>/panels`. The
+    Grad-CAM variants (a backward pass each) are computed only with `all_maps`.
     Top-level metrics are those of the run's `anomaly_map`; `maps` holds every map's metrics and
     `references` the image-independent map (the mean held-out normal map on every image), the whole-image
     nearest-neighbour score alone (image metrics) and the
@@ -100,7 +107,7 @@ def evaluate(
                 for s in samples
             ]
         )
-    maker = MapMaker(model, cfg, ckpt["calibration"], dev)
+    maker = MapMaker(model, cfg, ckpt["calibration"], dev, maps=None if all_maps else cheap_maps(cfg))
     out = run_maps(maker, images, cfg.batch_size)
     seconds = time.perf_counter() - t0
     labels = np.array([s.label for s in samples])

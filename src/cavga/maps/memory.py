@@ -163,9 +163,10 @@ def image_embedding(x: torch.Tensor, out: ModelOutput, cfg: TrainConfig) -> list
 
 
 class ImageMemory(Fitter):
-    """The whole-image embeddings of the normal training images. Each feature block is standardised
-    per dimension by the training mean and spread and every block divided by √D, so pixels and each
-    stage weigh the same in the distance."""
+    """The whole-image embeddings of the normal training images. Each block is centred on the training
+    mean and divided by its root total variance over the training images, so pixels and each stage
+    weigh the same in the distance while each keeps its own geometry (the pixel block alone is a
+    plain nearest neighbour on standardised images)."""
 
     def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int = 0):
         self.cfg = cfg
@@ -176,24 +177,18 @@ class ImageMemory(Fitter):
 
     def finish(self) -> dict:
         blocks = [torch.cat(p) for p in zip(*self.parts, strict=True)]
-        state: dict = {"mean": [b.mean(0) for b in blocks], "std": []}
+        state: dict = {"mean": [b.mean(0) for b in blocks], "scale": []}
         for b in blocks:
-            sd = b.std(0) if len(b) > 1 else torch.ones(b.shape[1])
-            # A floor: a dimension constant over the training images (a blank border) must not turn
-            # a small change there into an unbounded distance.
-            state["std"].append(sd + 0.1 * sd.mean() + 1e-6)
+            spread = float(b.var(0).sum().sqrt()) if len(b) > 1 else 1.0
+            state["scale"].append(spread + 1e-6)
         state["bank"] = embed(blocks, state)
         return state
 
 
 def embed(blocks: list[torch.Tensor], state: dict) -> torch.Tensor:
-    """Blocks (see `image_embedding`) standardised with the training statistics and concatenated."""
+    """Blocks (see `image_embedding`) centred and scaled with the training statistics, concatenated."""
     return torch.cat(
-        [
-            (b - m.to(b.device)) / s.to(b.device) / math.sqrt(b.shape[1])
-            for b, m, s in zip(blocks, state["mean"], state["std"], strict=True)
-        ],
-        1,
+        [(b - m.to(b.device)) / s for b, m, s in zip(blocks, state["mean"], state["scale"], strict=True)], 1
     )
 
 
