@@ -43,7 +43,7 @@ class TrainConfig:
     latent_channels: int | None = None  # model default when None
     disc_width: int = 32  # first-layer width of the DCGAN discriminator (DCGAN: 64; 32 trains 1.5× faster)
     weights: str | None = None  # ResNet-18 weights: None (random), "imagenet" or a state-dict path
-    anomaly_map: str = "latent-stats"  # which map `test` and `predict` report (see cavga.maps.MAPS)
+    anomaly_map: str = "memory"  # which map `test` and `predict` report (see cavga.maps.MAPS)
     # latent-stats: encoder stages by stride ("z" = μ), and the neighbourhood averaged before the statistics
     stats_layers: tuple[str, ...] = ("s4", "s8")
     stats_pool: int = 3
@@ -55,7 +55,7 @@ class TrainConfig:
     coreset_size: int = 4_000
     # Image score of the calibrated maps: "peak" (the map's maximum, or its own score) or "fused" (that
     # and the whole-image nearest-neighbour distance, standardised on held-out normal images, averaged)
-    image_score: str = "peak"
+    image_score: str = "fused"
     blur: float = 1 / 32  # Gaussian smoothing of the maps, σ as a fraction of the image size
     calib_fraction: float = 0.1  # normal training images held out to calibrate thresholds
     false_alarm_rate: float = 0.01  # target on held-out normal images for the calibrated thresholds
