@@ -80,6 +80,11 @@ class Predictor:
                 f"choose one of: {', '.join(maps)}"
             )
         self.calibration = ckpt["calibration"]
+        if self.map_name not in self.calibration["image_thresholds"]:
+            raise CavgaError(
+                f"anomaly map {self.map_name!r} was not calibrated when {run_dir} was trained (the "
+                f"Grad-CAM variants are calibrated only when chosen with --anomaly-map at training)"
+            )
         self.threshold = float(self.calibration["image_thresholds"][self.map_name])
         self.maker = MapMaker(self.model, self.cfg, self.calibration, self.device, maps=(self.map_name,))
 

@@ -12,7 +12,7 @@ import torch
 from cavga.data import category_dir, has_masks, infer_channels, list_split, load_image, load_mask
 from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_json
 from cavga.errors import DataError, RunError
-from cavga.maps import MAPS, MapMaker
+from cavga.maps import MAPS, MapMaker, cheap_maps
 from cavga.metrics import summarize
 from cavga.networks import MODELS
 from cavga.visualize import chw_to_image, save_panel
@@ -33,11 +33,6 @@ def run_maps(maker: MapMaker, images: torch.Tensor, batch_size: int) -> dict[str
         for k, v in maker(images[i : i + batch_size]).items():
             parts.setdefault(k, []).append(v.detach().cpu().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def cheap_maps(cfg) -> tuple[str, ...]:
-    """Every map but the Grad-CAM variants (uncalibrated maps other than `paper`), plus the run's own."""
-    return tuple(n for n, s in MAPS.items() if s.calibrated or n in ("paper", cfg.anomaly_map))
 
 
 def check_run_matches(ckpt: dict[str, Any], cat_dir: Path, force: bool = False) -> None:

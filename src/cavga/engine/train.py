@@ -41,7 +41,7 @@ from cavga.losses import (
     mask_guided_attention_loss,
     reconstruction_loss,
 )
-from cavga.maps import MAPS, available_maps, calibrate
+from cavga.maps import MAPS, available_maps, calibrate, cheap_maps
 from cavga.networks import MODELS
 
 LOSSES = ("loss", "rec", "kl", "adv_g", "adv_d", "ae", "bce", "cga")
@@ -266,7 +266,7 @@ def train(
         bar.close()
     train_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    calibration = calibrate(model, cfg, data.normal, data.calib, device)
+    calibration = calibrate(model, cfg, data.normal, data.calib, device, cheap_maps(cfg))
     images = (step - first_step) * min(cfg.batch_size, len(data.train))
     write_json(
         run / "train_summary.json",

@@ -38,6 +38,13 @@ def needed_maps(model: CAVGA, maps: tuple[str, ...] | None) -> tuple[str, ...]:
     return tuple(n for n in names if n in want)
 
 
+def cheap_maps(cfg: TrainConfig) -> tuple[str, ...]:
+    """Every map but the Grad-CAM variants (uncalibrated maps other than `paper`, a backward pass
+    each), plus the run's own map whatever it is: what training calibrates and `cavga test` reports
+    unless asked for all."""
+    return tuple(n for n, s in MAPS.items() if s.calibrated or n in ("paper", cfg.anomaly_map))
+
+
 class MapMaker:
     """Computes reconstructions, the attention and the anomaly maps for batches of images."""
 
