@@ -42,7 +42,7 @@ def test_compare_writes_tables_and_figure_and_reuses_finished_runs(tmp_path: Pat
     rows = list(csv.DictReader((out / "compare.csv").open()))
     assert [(r["model"], r["map"]) for r in rows] == [
         ("cavga-du", "paper"),
-        ("cavga-du", "latent-stats"),
+        ("cavga-du", "memory"),
         ("cavga-du", "image-independent"),
         ("ae-ssim", "paper"),  # the baselines' default map is their own
         ("ae-ssim", "image-independent"),

@@ -68,7 +68,9 @@ def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def anchor():
-    cfg = make_config(model="knn-patches", image_size=32, batch_size=4, blur=0.0, coreset_size=100_000)
+    cfg = make_config(
+        model="knn-patches", image_size=32, batch_size=4, blur=0.0, coreset_size=100_000, image_score="peak"
+    )
     model = create_model("knn-patches", 32, 1)
     train, calib = _images(6, 1), _images(4, 2)
     return model, cfg, train, calib, calibrate(model, cfg, train, calib, CPU)

@@ -51,7 +51,10 @@ def train_and_test(
     """One cell of the comparison: train (or resume, or reuse) and evaluate; returns metrics.json."""
     run = _run(out, model, category, seed)
     if (run / "metrics.json").exists():
-        return json.loads((run / "metrics.json").read_text())
+        done = json.loads((run / "metrics.json").read_text())
+        if done.get("all_maps") or not all_maps:
+            return done
+        return evaluate(run, panels=False, all_maps=True)  # trained, but tested without every map
     if (run / CHECKPOINT).exists():
         if load_checkpoint(run).get("calibration") is None:
             train(None, data, run, resume=True, progress=progress)

@@ -141,6 +141,7 @@ def evaluate(
         "detection_accuracy_calibrated": calibrated["overall"]["detection_accuracy"],
         "per_type": per_map[chosen]["per_type"],
         "maps": per_map,
+        "all_maps": all_maps,  # whether `maps` holds the Grad-CAM variants too
         "references": references,
         "seconds": round(seconds, 2),
         "images_per_second": round(len(samples) / seconds, 2),
