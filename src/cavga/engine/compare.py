@@ -26,7 +26,7 @@ from cavga.engine.evaluate import evaluate
 from cavga.engine.run import CHECKPOINT, load_checkpoint, load_model, resolve_device
 from cavga.engine.train import train
 from cavga.errors import CavgaError
-from cavga.maps import MAPS, MapMaker
+from cavga.maps import MAPS, MapMaker, costly
 from cavga.networks import MODELS
 from cavga.visualize import GT_COLOR, chw_to_image, draw_contour, overlay, save_grid
 
@@ -92,7 +92,7 @@ def compare(
         )
     categories = categories or list_categories(data)
     # The Grad-CAM variants cost a backward pass each: computed only when the table shows them.
-    slow = "all" in maps or any(m in MAPS and not MAPS[m].calibrated and m != "paper" for m in maps)
+    slow = "all" in maps or any(costly(m) for m in maps)
     cells = []
     total = len(models) * len(categories) * seeds
     for model in models:

@@ -71,9 +71,9 @@ def evaluate(
     Writes `metrics.json` and, with `panels`, one PNG panel per test image to `<run>/panels`. The
     Grad-CAM variants (a backward pass each) are computed only with `all_maps`.
     Top-level metrics are those of the run's `anomaly_map`; `maps` holds every map's metrics and
-    `references` the image-independent map (the mean held-out normal map on every image), the whole-image
-    nearest-neighbour score alone (image metrics) and the
-    residual alone, so a fixed pattern is never mistaken for localisation.
+    `references` the image-independent map (the mean held-out normal map on every image), the
+    whole-image nearest-neighbour score alone (image metrics) and the residual alone, so a fixed
+    pattern is never mistaken for localisation.
     """
     run = Path(run_dir)
     ckpt = load_checkpoint(run)

@@ -38,11 +38,15 @@ def needed_maps(model: CAVGA, maps: tuple[str, ...] | None) -> tuple[str, ...]:
     return tuple(n for n in names if n in want)
 
 
+def costly(name: str) -> bool:
+    """A Grad-CAM variant: an uncalibrated map other than `paper`, a backward pass each."""
+    return name in MAPS and not MAPS[name].calibrated and name != "paper"
+
+
 def cheap_maps(cfg: TrainConfig) -> tuple[str, ...]:
-    """Every map but the Grad-CAM variants (uncalibrated maps other than `paper`, a backward pass
-    each), plus the run's own map whatever it is: what training calibrates and `cavga test` reports
-    unless asked for all."""
-    return tuple(n for n, s in MAPS.items() if s.calibrated or n in ("paper", cfg.anomaly_map))
+    """Every map but the costly ones, plus the run's own map whatever it is: what training
+    calibrates and `cavga test` reports unless asked for all."""
+    return tuple(n for n in MAPS if not costly(n) or n == cfg.anomaly_map)
 
 
 class MapMaker:
@@ -189,12 +193,11 @@ def calibrate(
         _set_scales(cal, joined, [n for n in maps if n not in derived])
         joined = held_out()  # the derived maps, now that their parts' scales are known
     _set_scales(cal, joined, maps)
-    if "global_score" in joined:
-        first = maker.calibrated(joined)  # peak scores: no score norms exist yet to fuse with
-        cal["score_norms"] = {"global": _norm(joined["global_score"])}
-        for name in maps:
-            if MAPS[name].calibrated and name != "paper":
-                cal["score_norms"][name] = _norm(first[f"score/{name}"])
+    first = maker.calibrated(joined)  # peak scores: no score norms exist yet to fuse with
+    cal["score_norms"] = {"global": _norm(joined["global_score"])}
+    for name in maps:
+        if MAPS[name].calibrated and name != "paper":
+            cal["score_norms"][name] = _norm(first[f"score/{name}"])
     out = maker.calibrated(joined)
     cal["image_thresholds"] = {
         name: quantile(out[f"score/{name}"], 1 - cfg.false_alarm_rate)
