@@ -51,22 +51,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cavga.config import make_config
     from cavga.engine.train import train
 
-    if args.resume:
-        run = train(
-            None,
-            args.data,
-            args.out or _default_out(args),
-            resume=True,
-            steps=args.steps,
-            progress=not args.quiet,
-        )
-    else:
-        if not args.data:
-            raise CavgaError("--data is required (a folder in MVTec AD layout)")
-        cfg = make_config(args.preset, **_train_args(args))
-        run = train(
-            cfg, args.data, args.out or _default_out(args), category=args.category, progress=not args.quiet
-        )
+    if not args.data and not args.resume:
+        raise CavgaError("--data is required (a folder in MVTec AD layout)")
+    # With --resume the run's own settings win where it has a checkpoint; these start it where not.
+    cfg = make_config(args.preset, **_train_args(args)) if args.data else None
+    run = train(
+        cfg,
+        args.data,
+        args.out or _default_out(args),
+        category=args.category,
+        resume=args.resume,
+        steps=args.steps,
+        progress=not args.quiet,
+    )
     print(f"run saved to {run}; evaluate with: cavga test {run}")
     return 0
 
@@ -321,7 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
     t.add_argument("--out", help="run folder (default runs/<model>-<category>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, or start it there if it has none yet "
+        "(so a preempted job can rerun the same command line)",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

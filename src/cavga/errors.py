@@ -1,4 +1,7 @@
-"""Errors that the command line turns into one clear message instead of a traceback."""
+"""Errors that the command line turns into one clear message instead of a traceback, and the
+one-line warnings of work that goes on without a file."""
+
+import sys
 
 
 class CavgaError(Exception):
@@ -11,3 +14,8 @@ class DataError(CavgaError):
 
 class RunError(CavgaError):
     """A run folder or checkpoint is missing, corrupt, or belongs to another model or setting."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr for something skipped or changed while the work goes on."""
+    print(f"cavga: warning: {message}", file=sys.stderr)

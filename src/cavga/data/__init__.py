@@ -14,6 +14,7 @@ from cavga.data.folder import (
     list_split,
     load_image,
     load_mask,
+    load_usable,
     open_image,
     validate_images,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "list_split",
     "load_image",
     "load_mask",
+    "load_usable",
     "make_demo_data",
     "open_image",
     "perlin_masks",

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
-from cavga.errors import DataError
+from cavga.errors import DataError, warn
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_TYPE = "good"
@@ -38,6 +38,11 @@ _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _INFER_CHANNELS_MAX = 16
 # PIL signals a bad file with several unrelated exception types; all mean "cannot decode".
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Largest channel difference (of 255) that still counts as grey: a grey picture saved as a colour
+# JPEG (or CMYK) comes back with channels a count or two apart.
+GREY_TOLERANCE = 2
+# EXIF orientations that swap width and height (rotations by 90° and 270°, with or without a flip).
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 @dataclass(frozen=True)
@@ -265,16 +270,37 @@ def has_masks(samples: Sequence[Sample]) -> bool:
 # --------------------------------------------------------------------------- images
 
 
+def _unreadable(path: Path, what: str, e: Exception) -> DataError:
+    """The one-line reason a file cannot be used."""
+    if isinstance(e, FileNotFoundError):
+        return DataError(f"file not found: {path}")
+    if isinstance(e, PermissionError):
+        return DataError(f"{path} cannot be read: permission denied")
+    if isinstance(e, Image.DecompressionBombError):
+        return DataError(f"{path} is refused as {what}: {e}")
+    if path.is_symlink() and not path.exists():
+        return DataError(f"{path} is a broken or looping symbolic link")
+    if path.is_file() and path.stat().st_size == 0:
+        return DataError(f"{path} cannot be decoded as {what}: the file is empty")
+    return DataError(f"{path} cannot be decoded as {what}: {e}")
+
+
 def open_image(path: Path, what: str = "an image") -> Image.Image:
-    """Open and fully decode an image file; DataError naming the file when that fails."""
+    """Open and fully decode an image file, turned as its EXIF orientation says (as a viewer shows
+    it); DataError naming the file when it cannot be read or decoded.
+
+    Pillow refuses images above twice its decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`).
+    """
     try:
         with Image.open(path) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)  # a copy, so it outlives the closed file
+            if im.mode == "P" and "transparency" in im.info:
+                # Converting such a palette image to grey or RGB would warn; RGBA is what it means.
+                im = im.convert("RGBA")
             return im
-    except FileNotFoundError as e:
-        raise DataError(f"file not found: {path}") from e
     except _DECODE_ERRORS as e:
-        raise DataError(f"{path} cannot be decoded as {what}: {e}") from e
+        raise _unreadable(Path(path), what, e) from e
 
 
 def _check_channels(channels: int) -> None:
@@ -319,25 +345,27 @@ def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
         DataError: If the file is missing or cannot be decoded.
     """
     _check_channels(channels)
-    path = Path(path)
-    # EXIF orientation is deliberately ignored: masks are drawn in stored pixel order, and
-    # rotating only the image would misalign the two.
-    return image_to_tensor(open_image(path), image_size, channels)
+    return image_to_tensor(open_image(Path(path)), image_size, channels)
 
 
 def _header_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header only, without decoding the pixels."""
+    """(width, height) as a viewer shows the image (EXIF orientation applied), from the file
+    header only, without decoding the pixels."""
     try:
         with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError as e:
-        raise DataError(f"file not found: {path}") from e
+            w, h = im.size
+            if im.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSED_ORIENTATIONS:
+                w, h = h, w
+            return w, h
     except _DECODE_ERRORS as e:
-        raise DataError(f"{path} cannot be decoded as an image: {e}") from e
+        raise _unreadable(Path(path), "an image", e) from e
 
 
 def _mask_array(im: Image.Image) -> np.ndarray:
-    """Binary (H, W) array: > 127 on the 8-bit scale; 0/1 label masks count 1 as defect."""
+    """Binary (H, W) array. The rule: a pixel is defect when its grey value is above half the
+    scale (> 127 of 255, > 32767 of 65535), so the noise of a compressed mask (values 1–254 near 0
+    or 255) falls to the nearer side; a mask whose largest value is 1 holds 0/1 labels, and 1 is
+    defect."""
     if im.mode in _HIGH_DEPTH_MODES:
         arr = np.asarray(im, dtype=np.float32)
         high = 0.5 if im.mode == "F" else 32767.5
@@ -379,14 +407,15 @@ def load_mask(mask_path: Path, image_path: Path, image_size: int) -> torch.Tenso
 
 
 def is_grey(im: Image.Image) -> bool:
-    """True for grey modes, and for RGB images whose three channels are identical."""
+    """True for grey modes, and for colour images whose channels differ by at most
+    `GREY_TOLERANCE` of 255 anywhere (a grey picture stored as colour)."""
     if im.mode in _GREY_MODES:
         return True
-    if im.mode == "P":
+    if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
         im = im.convert("RGB")
     if im.mode in ("RGB", "RGBA", "RGBX"):
-        arr = np.asarray(im)[..., :3]
-        return bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
+        arr = np.asarray(im)[..., :3].astype(np.int16)
+        return int((arr.max(-1) - arr.min(-1)).max(initial=0)) <= GREY_TOLERANCE
     return False
 
 
@@ -394,20 +423,69 @@ def infer_channels(samples: Sequence[Sample]) -> int:
     """Guess the number of channels a dataset needs from its first images.
 
     Args:
-        samples: Samples of a split; up to the first 16 are opened.
+        samples: Samples of a split; the first 16 that can be decoded are looked at (files that
+            cannot be decoded are skipped here and reported where the images are loaded).
 
     Returns:
-        1 if those images are all greyscale (grey modes, or RGB with equal channels), else 3.
+        1 if those images are all greyscale (grey modes, or colour with equal channels), else 3.
 
     Raises:
-        DataError: If ``samples`` is empty or an image cannot be decoded.
+        DataError: If ``samples`` is empty.
     """
     if not samples:
         raise DataError("cannot infer the number of channels: no images")
-    for s in samples[:_INFER_CHANNELS_MAX]:
-        if not is_grey(open_image(s.path)):
+    seen = 0
+    for s in samples:
+        try:
+            im = open_image(s.path)
+        except DataError:
+            continue
+        if not is_grey(im):
             return 3
+        seen += 1
+        if seen == _INFER_CHANNELS_MAX:
+            break
     return 1
+
+
+def load_usable(
+    samples: Sequence[Sample], image_size: int, channels: int, masks: bool = False
+) -> tuple[list[Sample], torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
+    """Load every image (and with `masks`, its mask), skipping the ones that cannot be used.
+
+    A file that cannot be read or decoded, or a mask that cannot be read or has another size
+    than its image, costs only that image: it is reported on stderr (one line naming the file)
+    and in the returned `skipped` list, and the others are loaded.
+
+    Returns:
+        (kept samples, images (N, C, H, W), masks (N, H, W) or None, skipped [{file, error}]).
+
+    Raises:
+        DataError: If no image at all can be used.
+    """
+    kept: list[Sample] = []
+    images: list[torch.Tensor] = []
+    mask_list: list[torch.Tensor] = []
+    skipped: list[dict[str, str]] = []
+    for s in samples:
+        try:
+            image = load_image(s.path, image_size, channels)
+            if masks:
+                mask_list.append(
+                    load_mask(s.mask_path, s.path, image_size)[0]
+                    if s.mask_path is not None
+                    else torch.zeros(image_size, image_size)
+                )
+        except DataError as e:
+            skipped.append({"file": str(s.path), "error": str(e)})
+            warn(f"skipped {s.path}: {e}")
+            continue
+        kept.append(s)
+        images.append(image)
+    if not kept:
+        where = samples[0].path.parent if samples else "the split"
+        raise DataError(f"{where}: none of the {len(samples)} images can be used (see the lines above)")
+    return kept, torch.stack(images), torch.stack(mask_list) if masks else None, skipped
 
 
 def validate_images(samples: Sequence[Sample]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,9 @@ from cavga.networks import CAVGA, MODELS, create_model
 
 CHECKPOINT = "checkpoint.pt"
 REQUIRED_KEYS = ("model", "config", "step", "version", "model_name")
+# The layout of checkpoint.pt. Raise it when a change means older cavga versions cannot read
+# the file; a checkpoint without the key predates it and is format 1.
+CHECKPOINT_FORMAT = 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -46,27 +52,60 @@ def build_model(cfg: TrainConfig, weights: str | None = None) -> CAVGA:
     return create_model(cfg.model, cfg.image_size, cfg.channels or 3, **kwargs)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a stopped process never leaves a half-written checkpoint behind."""
+def _write_atomically(path: Path, write) -> None:
+    """`write(tmp)` then rename over `path`: a process killed (or a disk that fills) part way
+    leaves the previous file intact. The data are flushed to disk before the rename, so even a
+    power cut cannot leave `path` pointing at a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({**state, "version": __version__}, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        why = "the disk is full" if e.errno == errno.ENOSPC else str(e)
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise RunError(f"cannot write {path}: {why}{kept}") from e
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (see `_write_atomically`); tensors and plain data only, so it
+    loads with `weights_only=True`."""
+    state = {**state, "version": __version__, "format": CHECKPOINT_FORMAT}
+    _write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """Read and check a run's checkpoint; RunError with the reason when it is not usable."""
+    """Read and check a run's checkpoint; RunError with the reason when it is not usable.
+
+    Only tensors and plain Python data are unpickled (`weights_only=True`): a run folder from
+    somebody else can never run code on this machine, whatever its checkpoint holds.
+    """
     path = Path(run_dir) / CHECKPOINT
     if not Path(run_dir).is_dir():
         raise RunError(f"run folder not found: {run_dir}")
     if not path.is_file():
         raise RunError(f"no {CHECKPOINT} in {run_dir}: not a cavga run folder, or training never saved")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RunError(f"cannot read {path}: {e}") from e
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler refuses any class or function it does not allow.
+        raise RunError(
+            f"refused to load {path}: it holds Python objects other than tensors and plain data, "
+            "which could run code; cavga never writes such files (replaced, or made by another program?)"
+        ) from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise RunError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise RunError(f"{path} is not a cavga checkpoint (missing keys)")
+    fmt = ckpt.get("format", 1)
+    if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
+        raise RunError(
+            f"{path} was written by cavga {ckpt['version']} in checkpoint format {fmt}; this cavga "
+            f"({__version__}) reads format {CHECKPOINT_FORMAT} and older: upgrade cavga"
+        )
     if ckpt["model_name"] not in MODELS:
         raise RunError(
             f"{path} holds model {ckpt['model_name']!r}, which this version of cavga does not know"
@@ -76,18 +115,34 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
 
 def load_model(ckpt: dict[str, Any], device: torch.device) -> tuple[CAVGA, TrainConfig]:
     """Rebuild the network of a checkpoint and load its weights."""
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg)  # the weights come from the checkpoint, never re-downloaded
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise RunError(f"checkpoint weights do not fit model {cfg.model} at {cfg.image_size} px: {e}") from e
+        cfg = TrainConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise RunError(f"the checkpoint's configuration is not valid: {e}") from e
+    model = build_model(cfg)  # the weights come from the checkpoint, never re-downloaded
+    load_weights(model, ckpt["model"], f"model {cfg.model} at {cfg.image_size} px")
     return model.to(device).eval(), cfg
+
+
+def load_weights(model: torch.nn.Module, weights: Any, what: str) -> None:
+    """`load_state_dict`, with a one-line RunError when the weights belong to another network."""
+    if not isinstance(weights, dict):
+        raise RunError(f"the checkpoint's weights are not a state dict, so they cannot be {what}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    wrong = [k for k in own if k in weights and getattr(weights[k], "shape", None) != own[k].shape]
+    if missing or extra or wrong:
+        first = (missing or extra or wrong)[0]
+        raise RunError(
+            f"the checkpoint's weights do not fit {what} (another model or variant?): "
+            f"{len(missing)} missing, {len(extra)} unexpected and {len(wrong)} mis-shaped tensors, "
+            f"for example {first!r}"
+        )
+    model.load_state_dict(weights)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Pretty JSON, written atomically (parent folders are created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str)
+    _write_atomically(path, lambda tmp: tmp.write_text(text))

@@ -4,6 +4,7 @@ or + classifier and complementary guided attention (CAVGA-w), or the parts a bas
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,12 @@ from tqdm.auto import tqdm
 from cavga.attention import attention_expansion_loss, class_attention, latent_attention
 from cavga.config import DEFAULT_STEPS, TrainConfig
 from cavga.data import (
+    Sample,
     anomalous_folder,
     category_dir,
     infer_channels,
     list_split,
-    load_image,
+    load_usable,
     synthesize,
     weak_split,
 )
@@ -58,6 +60,7 @@ class TrainData:
     calib_files: list[str]
     anomalous_files: list[str]  # absolute paths; evaluation leaves them out of the test set
     channels: int
+    skipped: list[dict[str, str]]  # files that could not be used: {file, error}
 
     @property
     def normal(self) -> torch.Tensor:
@@ -78,12 +81,12 @@ def load_train_data(data_dir: str | Path, category: str | None, cfg: TrainConfig
     """Read `train/good` of a category, resize, and hold out `calib_fraction` of it (seeded); for a
     weakly supervised model add its anomalous training images with label 1."""
     samples = list_split(category_dir(data_dir, category), "train")
+    channels = cfg.channels or infer_channels(samples)
+    samples, images, _, skipped = load_usable(samples, cfg.image_size, channels)
     if len(samples) < 2:
         raise DataError(
-            f"{samples[0].path.parent}: at least 2 training images are needed, found {len(samples)}"
+            f"{samples[0].path.parent}: at least 2 usable training images are needed, found {len(samples)}"
         )
-    channels = cfg.channels or infer_channels(samples)
-    images = torch.stack([load_image(s.path, cfg.image_size, channels) for s in samples])
     n_cal = round(cfg.calib_fraction * len(samples)) if len(samples) >= 10 else 0
     perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     cal_idx, train_idx = sorted(perm[:n_cal]), sorted(perm[n_cal:])
@@ -92,8 +95,9 @@ def load_train_data(data_dir: str | Path, category: str | None, cfg: TrainConfig
     names = [str(s.path) for s in samples]
     train_images, labels, anomalous = images[train_idx], torch.zeros(len(train_idx), dtype=torch.long), []
     if MODELS[cfg.model].setting == "weakly-supervised":
-        anomalous = weak_training_files(data_dir, category, cfg)
-        extra = torch.stack([load_image(p, cfg.image_size, channels) for p in anomalous])
+        weak = [Sample(p, 1, "anomalous", None) for p in weak_training_files(data_dir, category, cfg)]
+        weak, extra, _, weak_skipped = load_usable(weak, cfg.image_size, channels)
+        anomalous, skipped = [s.path for s in weak], skipped + weak_skipped
         train_images = torch.cat([train_images, extra])
         labels = torch.cat([labels, torch.ones(len(extra), dtype=torch.long)])
     return TrainData(
@@ -104,7 +108,24 @@ def load_train_data(data_dir: str | Path, category: str | None, cfg: TrainConfig
         [names[i] for i in cal_idx],
         [str(p.resolve()) for p in anomalous],
         channels,
+        skipped,
     )
+
+
+def keep_log_until(log_path: Path, step: int) -> None:
+    """Drop the rows of `log.csv` after `step` (a killed run logged steps its checkpoint lacks)."""
+    lines = log_path.read_text().splitlines(keepends=True)
+
+    def complete_and_before(line: str) -> bool:
+        fields = line.rstrip("\n").split(",")
+        return (
+            line.endswith("\n")
+            and len(fields) == len(LOSSES) + 2
+            and fields[0].isdigit()
+            and int(fields[0]) <= step
+        )
+
+    log_path.write_text("".join(lines[:1] + [ln for ln in lines[1:] if complete_and_before(ln)]))
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -140,17 +161,25 @@ def train(
 ) -> Path:
     """Train (or resume) a run in `out_dir` and calibrate it; returns the run folder.
 
-    On resume the config and data come from the checkpoint; `steps` may extend the run.
+    With `resume`, a run that has a checkpoint continues from it (its config and data come from
+    the checkpoint; `steps` may extend it) and a finished one is left as it is; where no
+    checkpoint exists yet (the run was stopped before its first one, or never started) training
+    starts from step 0 with `cfg`. So a preemptible job can rerun one command line until it ends.
     """
     run = Path(out_dir)
     ckpt = None
-    if resume:
+    if resume and (run / CHECKPOINT).exists():
         ckpt = load_checkpoint(run)
         cfg = TrainConfig.from_dict(ckpt["config"])
         data_dir, category = data_dir or ckpt["data"]["root"], ckpt["data"]["category"]
         if steps:
             cfg.steps = steps
-    elif (run / CHECKPOINT).exists():
+    elif resume and cfg is None:
+        raise RunError(
+            f"nothing to resume in {run}: it has no {CHECKPOINT} yet; give --data (and the other "
+            "training options) to start it"
+        )
+    elif not resume and (run / CHECKPOINT).exists():
         raise RunError(f"{run} already holds a run; use --resume to continue it or choose another --out")
     assert cfg is not None and data_dir is not None
     if cfg.anomaly_map not in MAPS:  # checked before any work is done
@@ -185,6 +214,8 @@ def train(
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
     total = total_steps(cfg, len(data.train))
+    if ckpt is not None and ckpt.get("calibration") is not None and step >= total:
+        return run  # already finished: rerunning the same command line is harmless
     adv_from = int(cfg.adv_start * total)
     run.mkdir(parents=True, exist_ok=True)
     spec = MODELS[cfg.model]
@@ -196,6 +227,7 @@ def train(
         "calib_files": data.calib_files,
         "anomalous_files": data.anomalous_files,
         "anomalous_source": (cfg.anomalous_dir or "test split") if data.anomalous_files else None,
+        "skipped_files": data.skipped,
     }
     write_json(
         run / "config.json",
@@ -223,11 +255,13 @@ def train(
         }
 
     log_path = run / "log.csv"
-    new_log = not log_path.exists() or step == 0
-    with log_path.open("w" if new_log else "a", newline="") as log_file:
+    if step == 0 or not log_path.exists():
+        log_path.write_text(",".join(["step", *LOSSES, "seconds"]) + "\n")
+    else:
+        keep_log_until(log_path, step)  # rows written after the checkpoint will be written again
+    last_saved = f"{run / CHECKPOINT} (step {step})" if ckpt is not None else "none (no checkpoint yet)"
+    with log_path.open("a", newline="") as log_file:
         log = csv.writer(log_file)
-        if new_log:
-            log.writerow(["step", *LOSSES, "seconds"])
         bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {cfg.model}", unit="step")
         t0, first_step = time.perf_counter(), step
         model.train()
@@ -245,6 +279,14 @@ def train(
                     model, x_in, y, cfg, opt_g, opt_d, adversarial=step >= adv_from, target=x, masks=masks
                 )
                 step += 1
+                bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+                if bad:
+                    # The weights may already hold NaN; they are never saved over a good checkpoint.
+                    raise RunError(
+                        f"training diverged at step {step}/{total}: "
+                        + ", ".join(f"{k} = {v}" for k, v in bad.items())
+                        + f"; nothing was saved. Last good checkpoint: {last_saved}. Try a lower --lr"
+                    )
                 log.writerow(
                     [
                         step,
@@ -257,6 +299,7 @@ def train(
                 bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss" and v})
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                     save_checkpoint(run / CHECKPOINT, state())
+                    last_saved = f"{run / CHECKPOINT} (step {step})"
         except KeyboardInterrupt:
             save_checkpoint(run / CHECKPOINT, state())
             bar.close()
