@@ -422,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cavga` console script."""
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # A file name that is not valid UTF-8 is printed with escapes rather than crashing the print.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return args.func(args)
     except CavgaError as e:

@@ -380,6 +380,7 @@ def summarize(
     defect_types: Sequence[str],
     map_threshold: float = 0.5,
     image_threshold: float | None = None,
+    pixel_valid: np.ndarray | None = None,
 ) -> dict[str, dict]:
     """All metrics, over the whole test set and per defect type, ready for ``json.dump``.
 
@@ -399,6 +400,8 @@ def summarize(
         map_threshold: Map value at or above which a pixel is predicted anomalous (IoU).
         image_threshold: Raw score threshold for detection accuracy; None uses the paper
             protocol (min-max normalise over each evaluated group, threshold 0.5).
+        pixel_valid: ``(N,)`` bool, the images whose pixels the pixel metrics use (None: all);
+            image metrics always use every image.
 
     Returns:
         ``{"overall": {...}, "per_type": {type: {...}}}``.
@@ -413,10 +416,12 @@ def summarize(
         if maps.shape[0] != labels.size:
             raise ValueError(f"{maps.shape[0]} maps but {labels.size} image labels")
 
+    valid = np.ones(labels.size, dtype=bool) if pixel_valid is None else np.asarray(pixel_valid, dtype=bool)
+
     def group(select: np.ndarray) -> dict[str, float | int | None]:
         return _group_metrics(
-            maps[select] if has_pixels else None,
-            masks[select] if has_pixels else None,
+            maps[select & valid] if has_pixels else None,
+            masks[select & valid] if has_pixels else None,
             scores[select],
             labels[select],
             map_threshold,

@@ -80,9 +80,20 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return _to_unit(image)
 
 
+def _plane(values: np.ndarray) -> np.ndarray:
+    """Drop leading and trailing length-1 axes down to two, so (1, H, W) and (H, W, 1) become
+    (H, W) but a 1×1 map stays 1×1 (np.squeeze would make it a scalar)."""
+    values = np.asarray(values)
+    while values.ndim > 2 and values.shape[0] == 1:
+        values = values[0]
+    while values.ndim > 2 and values.shape[-1] == 1:
+        values = values[..., 0]
+    return values
+
+
 def _as_map(anomaly_map: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Map as float ``(H, W)`` in [0, 1], resized (bilinear) to ``shape`` when it differs."""
-    values = _to_unit(np.squeeze(np.asarray(anomaly_map)))
+    values = _to_unit(_plane(anomaly_map))
     if values.ndim != 2:
         raise ValueError(f"anomaly map must have shape (H, W); got {np.shape(anomaly_map)}")
     if shape is not None and values.shape != tuple(shape):
@@ -259,7 +270,7 @@ def save_mask_png(path: str | PathLike[str], mask: np.ndarray) -> None:
         path: Output PNG path (parent folders are created).
         mask: ``(H, W)`` mask; values > 0.5 are written as 255.
     """
-    binary = np.where(np.squeeze(np.asarray(mask)) > 0.5, 255, 0).astype(np.uint8)
+    binary = np.where(_plane(mask) > 0.5, 255, 0).astype(np.uint8)
     if binary.ndim != 2:
         raise ValueError(f"mask must have shape (H, W); got {np.shape(mask)}")
     path = Path(path)

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cavga.data import category_dir, has_masks, infer_channels, list_split, load_image, load_mask
+from cavga.data import category_dir, has_masks, infer_channels, list_split, load_usable
 from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_json
-from cavga.errors import DataError, RunError
+from cavga.errors import DataError, RunError, warn
 from cavga.maps import MAPS, MapMaker, cheap_maps
 from cavga.metrics import summarize
 from cavga.networks import MODELS
@@ -90,26 +90,27 @@ def evaluate(
     samples, n_removed = evaluation_samples(ckpt, cat_dir)
     check_channels(infer_channels(samples), cfg.channels, str(samples[0].path.parent.parent))
     t0 = time.perf_counter()
-    images = torch.stack([load_image(s.path, cfg.image_size, cfg.channels) for s in samples])
     with_masks = has_masks(samples)
-    masks = None
-    if with_masks:
-        masks = np.stack(
-            [
-                load_mask(s.mask_path, s.path, cfg.image_size)[0].numpy()
-                if s.mask_path
-                else np.zeros(images.shape[-2:], np.float32)
-                for s in samples
-            ]
-        )
+    samples, images, mask_tensor, skipped = load_usable(samples, cfg.image_size, cfg.channels, with_masks)
+    masks = None if mask_tensor is None else mask_tensor.numpy()
+    labels = np.array([s.label for s in samples])
+    pixel_valid, empty_masks = None, []
+    if masks is not None:
+        # An anomalous image whose mask marks nothing has a wrong mask, not a defect-free image: its
+        # pixels would count as normal and punish a map that finds the defect. It keeps its image
+        # label, and pixel metrics leave it out.
+        empty = (labels == 1) & ~masks.any(axis=(1, 2))
+        pixel_valid = ~empty
+        empty_masks = [str(samples[i].mask_path) for i in np.flatnonzero(empty)]
+        for m in empty_masks:
+            warn(f"{m} marks no pixel of its anomalous image; the image counts for image metrics only")
     maker = MapMaker(model, cfg, ckpt["calibration"], dev, maps=None if all_maps else cheap_maps(cfg))
     out = run_maps(maker, images, cfg.batch_size)
     seconds = time.perf_counter() - t0
-    labels = np.array([s.label for s in samples])
     types = [s.defect_type for s in samples]
 
     def metrics_of(maps: np.ndarray, scores: np.ndarray) -> dict:
-        return summarize(maps, masks, scores, labels, types, map_threshold=0.5)
+        return summarize(maps, masks, scores, labels, types, map_threshold=0.5, pixel_valid=pixel_valid)
 
     per_map = {name: metrics_of(out[name], out[f"score/{name}"]) for name in MAPS if name in out}
     chosen = cfg.anomaly_map
@@ -136,6 +137,8 @@ def evaluate(
         "category": category,
         "n_images": len(samples),
         "n_removed_for_training": n_removed,
+        "skipped_files": skipped,  # images that could not be used: {file, error}
+        "empty_masks": empty_masks,  # anomalous images left out of the pixel metrics
         "has_masks": with_masks,
         "image_threshold": threshold,
         "detection_accuracy_calibrated": calibrated["overall"]["detection_accuracy"],

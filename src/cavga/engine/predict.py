@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from PIL import Image
 
 from cavga.api import Predictor
 from cavga.data import IMAGE_EXTENSIONS, open_image
-from cavga.errors import DataError
+from cavga.errors import CavgaError, DataError, warn
 from cavga.visualize import PRED_COLOR, draw_contour, overlay, save_map_png, save_mask_png
 
 CSV_FIELDS = (
@@ -37,16 +36,22 @@ def collect_inputs(inputs: list[str | Path]) -> list[tuple[Path, str]]:
     found: list[tuple[Path, str]] = []
     for item in map(Path, inputs):
         if item.is_dir():
+            # Hidden files and folders (.DS_Store, ._x.png, .thumbnails/) are never images of the
+            # user's; rglob does not follow symbolic links to folders, so a link loop ends.
             files = sorted(
                 p
                 for p in item.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)
+                and p.is_file()
             )
             if not files:
                 raise DataError(f"{item}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
             found += [(p, "_".join(p.relative_to(item).with_suffix("").parts)) for p in files]
         elif item.is_file():
             found.append((item, item.stem))
+        elif item.is_symlink():
+            raise DataError(f"{item} is a broken or looping symbolic link")
         else:
             raise DataError(f"not found: {item}")
     stems = [s for _, s in found]
@@ -56,44 +61,48 @@ def collect_inputs(inputs: list[str | Path]) -> list[tuple[Path, str]]:
 def predict_files(predictor: Predictor, inputs: list[str | Path], out_dir: str | Path) -> tuple[Path, int]:
     """Predict every input; returns the CSV path and the number of images that failed.
 
-    An image that cannot be read gets a row with its error and the others go on, so one bad
-    file never loses the work done on the rest.
+    Whatever goes wrong with one image (it cannot be read, or anything unexpected) becomes that
+    image's row with its error, and the others go on, so one bad file never loses the work done
+    on the rest. File names that are not valid UTF-8 are written with backslash escapes.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     csv_path = out / "predictions.csv"
-    with csv_path.open("w", newline="") as f:
+    with csv_path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for path, stem in collect_inputs(inputs):
             try:
-                p = predictor.predict(path)
-            except DataError as e:
+                row = _predict_one(predictor, path, stem, out)
+            except Exception as e:  # one image's failure, whatever it is, must not stop the others
                 failed += 1
-                print(f"cavga: skipped {path}: {e}", file=sys.stderr)
-                writer.writerow({"file": str(path), "error": str(e)})
-                continue
-            names = {k: f"{stem}_{k}.png" for k in ("map", "mask", "overlay")}
-            save_map_png(out / names["map"], p.anomaly_map)
-            save_mask_png(out / names["mask"], p.mask)
-            # The overlay is drawn on the image at its own size, as the user knows it.
-            original = (
-                np.asarray(open_image(path).convert("L" if predictor.cfg.channels == 1 else "RGB")) / 255.0
-            )
-            Image.fromarray(draw_contour(overlay(original, p.anomaly_map), p.mask, PRED_COLOR)).save(
-                out / names["overlay"]
-            )
-            writer.writerow(
-                {
-                    "file": str(path),
-                    "score": f"{p.score:.6g}",
-                    "threshold": f"{p.threshold:.6g}",
-                    "anomalous": int(p.is_anomalous),
-                    "anomalous_fraction": f"{p.mask.mean():.6g}",
-                    "class_probability": "" if p.class_probability is None else f"{p.class_probability:.6g}",
-                    **names,
-                    "error": "",
-                }
-            )
+                reason = str(e) if isinstance(e, CavgaError) else f"unexpected error: {type(e).__name__}: {e}"
+                warn(f"skipped {path}: {reason}")
+                row = {"file": str(path), "error": reason}
+            writer.writerow(row)
+            f.flush()  # rows written so far survive whatever happens next
     return csv_path, failed
+
+
+def _predict_one(predictor: Predictor, path: Path, stem: str, out: Path) -> dict[str, str | int]:
+    """Score one file, write its map, mask and overlay, and return its CSV row."""
+    p = predictor.predict(path)
+    names = {k: f"{stem}_{k}.png" for k in ("map", "mask", "overlay")}
+    save_map_png(out / names["map"], p.anomaly_map)
+    save_mask_png(out / names["mask"], p.mask)
+    # The overlay is drawn on the image at its own size (as a viewer shows it), as the user knows it.
+    original = np.asarray(open_image(path).convert("L" if predictor.cfg.channels == 1 else "RGB")) / 255.0
+    Image.fromarray(draw_contour(overlay(original, p.anomaly_map), p.mask, PRED_COLOR)).save(
+        out / names["overlay"]
+    )
+    return {
+        "file": str(path),
+        "score": f"{p.score:.6g}",
+        "threshold": f"{p.threshold:.6g}",
+        "anomalous": int(p.is_anomalous),
+        "anomalous_fraction": f"{p.mask.mean():.6g}",
+        "class_probability": "" if p.class_probability is None else f"{p.class_probability:.6g}",
+        **names,
+        "error": "",
+    }
