@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,16 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler refuses any class or function it does not allow.
-        raise RunError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain data, "
-            "which could run code; cavga never writes such files (replaced, or made by another program?)"
-        ) from e
+        # torch's weights-only unpickler refuses every class and function it does not allow, and
+        # names it; any other unpickling error means the bytes are not a pickle at all.
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if wanted:
+            raise RunError(
+                f"refused to load {path}: it asks to import {wanted.group(1)}, and objects other than "
+                "tensors and plain data could run code; cavga never writes such files (replaced, or "
+                "made by another program?)"
+            ) from e
+        raise RunError(f"cannot read {path}: the file is truncated or corrupt (not a checkpoint)") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise RunError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
