@@ -15,10 +15,12 @@ from cavga.data import (
     category_dir,
     has_masks,
     infer_channels,
+    is_grey,
     list_categories,
     list_split,
     load_image,
     load_mask,
+    load_usable,
     validate_images,
 )
 from cavga.errors import DataError
@@ -269,9 +271,21 @@ def test_undecodable_image(tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:
         ImageFolderDataset(samples, 8, 1)[1]
     assert str(bad) in _message(exc)
-    with pytest.raises(DataError) as exc:
-        infer_channels(samples)
-    assert str(bad) in _message(exc)
+    # Channel inference looks past it (the loaders report it), and so does load_usable.
+    assert infer_channels(samples) == 1
+    kept, images, _, skipped = load_usable(samples, 8, 1)
+    assert bad not in [s.path for s in kept] and len(images) == len(samples) - 1
+    assert skipped == [{"file": str(bad), "error": skipped[0]["error"]}] and str(bad) in skipped[0]["error"]
+
+
+def test_grey_content_in_colour_files_counts_as_grey() -> None:
+    grey = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (4, 1))
+    rgb = np.dstack([grey, grey, grey])
+    assert is_grey(Image.fromarray(rgb))
+    rgb[0, 0, 0] += 2  # a JPEG's rounding
+    assert is_grey(Image.fromarray(rgb)) and is_grey(Image.fromarray(rgb).convert("CMYK"))
+    rgb[0, 0, 0] += 1
+    assert not is_grey(Image.fromarray(rgb))
 
 
 def test_truncated_image(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from cavga.errors import DataError, warn
@@ -282,6 +282,10 @@ def _unreadable(path: Path, what: str, e: Exception) -> DataError:
         return DataError(f"{path} is a broken or looping symbolic link")
     if path.is_file() and path.stat().st_size == 0:
         return DataError(f"{path} cannot be decoded as {what}: the file is empty")
+    if isinstance(e, UnidentifiedImageError):
+        return DataError(
+            f"{path} cannot be decoded as {what}: its content is not an image format Pillow reads"
+        )
     return DataError(f"{path} cannot be decoded as {what}: {e}")
 
 
