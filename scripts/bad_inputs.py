@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,9 +37,9 @@ def cli(*argv: str) -> subprocess.CompletedProcess:
     )
 
 
-def short(message: str, prefix: Path) -> str:
-    """The message for a table cell: paths relative to the script's folder, at most 120 characters."""
-    return "refused: " + message.replace(f"{prefix}/", "").replace("|", "/")[:120]
+def short(message: str) -> str:
+    """The message for a table cell: file names without their folders, at most 120 characters."""
+    return "refused: " + re.sub(r"[^\s']*/", "", message).replace("|", "/")[:120]
 
 
 def main() -> int:
@@ -78,21 +79,21 @@ def main() -> int:
             predictor.predict(path)
             return "handled"
         except CavgaError as e:
-            return short(str(e), args.out)
+            return short(str(e))
         except Exception as e:  # what the table must never show
             tracebacks["api"] = True
             return f"TRACEBACK {type(e).__name__}: {e}"
 
     def outcome(name: str, used: bool, refused: dict[str, str]) -> str:
         if name in refused:
-            return short(refused[name], args.out)
+            return short(refused[name])
         return "handled" if used else "ignored"
 
     print("| input | expected | train | test | predict | API |\n|---|---|---|---|---|---|")
     for e in images:
         shown = e.name.encode("utf-8", "backslashreplace").decode()  # as predictions.csv writes it
         row = rows.get(shown)
-        pred = "ignored" if row is None else (short(row["error"], args.out) if row["error"] else "handled")
+        pred = "ignored" if row is None else (short(row["error"]) if row["error"] else "handled")
         tested = (cat / "test" / "good" / e.name).is_file() and e.expected != "ignored"
         api_cell = api(cat / "train" / "good" / e.name) if e.expected != "ignored" else "not applicable"
         cells = [
@@ -105,7 +106,7 @@ def main() -> int:
     for e in masks:
         name = e.name + ".png"
         if name in test_skipped:
-            cell = short(test_skipped[name], args.out)
+            cell = short(test_skipped[name])
         elif name in empty:
             cell = "handled: image metrics only"
         else:

@@ -34,10 +34,10 @@ def checkpoint_step(run: Path) -> int | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=24)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--model", default="cavga-ru")
-    p.add_argument("--max-delay", type=float, default=25.0, help="kills land uniformly in [0.5, this] s")
+    p.add_argument("--max-delay", type=float, default=14.0, help="kills land uniformly in [0.5, this] s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -58,7 +58,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     print("| attempt | killed after (s) | checkpoint step after | died writing a checkpoint | traceback |")
     print("|---|---|---|---|---|")
-    attempt, tracebacks = 0, 0
+    attempt, tracebacks, kills, before_first, mid_writes, after_end = 0, 0, 0, 0, 0, 0
     while True:
         attempt += 1
         (run / (CHECKPOINT + ".tmp")).unlink(missing_ok=True)
@@ -73,6 +73,11 @@ def main() -> int:
         tracebacks += b"Traceback" in err
         mid_write = (run / (CHECKPOINT + ".tmp")).exists()
         died = proc.returncode == -signal.SIGKILL
+        if died:
+            kills += 1
+            before_first += checkpoint_step(run) is None
+            mid_writes += mid_write
+        after_end += not died and delay is not None
         when = f"{delay:.1f}" if died else f"finished (rc {proc.returncode})"
         yes = {True: "yes", False: "no"}
         print(
@@ -83,6 +88,10 @@ def main() -> int:
         if not died and checkpoint_step(run) == args.steps:
             # Finished before the kill: later attempts must leave the finished run as it is.
             continue
+    print(
+        f"\n{kills} attempts killed: {before_first} before the first checkpoint, {mid_writes} while writing "
+        f"a checkpoint, {after_end} after the run had finished"
+    )
     a = torch.load(ref / CHECKPOINT, weights_only=True)["model"]
     b = torch.load(run / CHECKPOINT, weights_only=True)["model"]
     same = all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()

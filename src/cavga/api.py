@@ -35,8 +35,8 @@ class Prediction:
     is_anomalous: bool
     anomaly_map: np.ndarray  # (H, W) float in [0, 1]; ≥ 0.5 means anomalous
     mask: np.ndarray  # (H, W) bool, anomaly_map ≥ 0.5
-    attention: np.ndarray  # (h, w) the paper's attention A at the model's input size
-    reconstruction: np.ndarray  # (h, w) or (h, w, 3) x̂ in [0, 1] at the model's input size
+    attention: np.ndarray | None  # (h, w) the paper's attention A at the model's size (None from ONNX)
+    reconstruction: np.ndarray | None  # (h, w) or (h, w, 3) x̂ in [0, 1] at the model's size (None from ONNX)
     image: np.ndarray  # (h, w) or (h, w, 3) the input as the model saw it
     # Weakly supervised models only: C's anomalous probability, and its decision (≥ 0.5), as in the paper.
     class_probability: float | None = None
@@ -63,7 +63,63 @@ def to_pil(image: ImageLike) -> tuple[Image.Image, str]:
     raise DataError(f"cannot predict on a {type(image).__name__}: give a path, a PIL image or a NumPy array")
 
 
-class Predictor:
+class PredictorBase:
+    """What every predictor shares: decoding, the channel check, and building `Prediction`s from
+    the maps and scores its backend computes at the model's size (see `_infer`)."""
+
+    map_name: str
+    threshold: float
+    channels: int
+    image_size: int
+    batch_size: int
+
+    def _tensor(self, im: Image.Image, name: str) -> torch.Tensor:
+        if self.channels == 1 and not is_grey(im):
+            raise DataError(f"{name}: a colour image, but the run was trained on greyscale images")
+        return image_to_tensor(im, self.image_size, self.channels)
+
+    def _infer(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """`map` (N, h, w) and `score` (N,), and where the backend has them `attention`, `recon`
+        and `class_probability`."""
+        raise NotImplementedError
+
+    def predict(self, image: ImageLike) -> Prediction:
+        """Score, anomaly map and mask for one image."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: list[ImageLike]) -> list[Prediction]:
+        """Predictions for several images, computed in batches of the run's batch size."""
+        pils = [to_pil(im) for im in images]
+        x = torch.stack([self._tensor(im, name) for im, name in pils])
+        parts = [self._infer(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        results = []
+        for i, (im, name) in enumerate(pils):
+            full = np.asarray(
+                Image.fromarray(out["map"][i].astype(np.float32)).resize(im.size, Image.Resampling.BILINEAR)
+            )
+            full = np.clip(full, 0.0, 1.0)
+            score = float(out["score"][i])
+            prob = float(out["class_probability"][i]) if "class_probability" in out else None
+            results.append(
+                Prediction(
+                    source=name,
+                    score=score,
+                    threshold=self.threshold,
+                    is_anomalous=score >= self.threshold,
+                    anomaly_map=full,
+                    mask=full >= 0.5,
+                    attention=out["attention"][i] if "attention" in out else None,
+                    reconstruction=chw_to_image(out["recon"][i]) if "recon" in out else None,
+                    image=chw_to_image(x[i].numpy()),
+                    class_probability=prob,
+                    classifier_anomalous=None if prob is None else prob >= 0.5,
+                )
+            )
+        return results
+
+
+class Predictor(PredictorBase):
     """A trained run, ready to predict. Thresholds come from the run's held-out normal images."""
 
     def __init__(self, run_dir: str | Path, device: str = "auto", anomaly_map: str | None = None):
@@ -86,49 +142,54 @@ class Predictor:
                 f"Grad-CAM variants are calibrated only when chosen with --anomaly-map at training)"
             )
         self.threshold = float(self.calibration["image_thresholds"][self.map_name])
+        self.channels, self.image_size, self.batch_size = (
+            self.cfg.channels,
+            self.cfg.image_size,
+            self.cfg.batch_size,
+        )
         self.maker = MapMaker(self.model, self.cfg, self.calibration, self.device, maps=(self.map_name,))
 
-    def _tensor(self, im: Image.Image, name: str) -> torch.Tensor:
-        if self.cfg.channels == 1 and not is_grey(im):
-            raise DataError(f"{name}: a colour image, but the run was trained on greyscale images")
-        return image_to_tensor(im, self.cfg.image_size, self.cfg.channels)
+    def _infer(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        out = run_maps(self.maker, x, len(x))
+        res = {"map": out[self.map_name], "score": out[f"score/{self.map_name}"], "recon": out["recon"]}
+        res["attention"] = out["attention"]
+        if "class_probability" in out:
+            res["class_probability"] = out["class_probability"]
+        return res
 
-    def predict(self, image: ImageLike) -> Prediction:
-        """Score, anomaly map and mask for one image."""
-        return self.predict_batch([image])[0]
 
-    def predict_batch(self, images: list[ImageLike]) -> list[Prediction]:
-        """Predictions for several images, computed in batches of the run's batch size."""
-        pils = [to_pil(im) for im in images]
-        x = torch.stack([self._tensor(im, name) for im, name in pils])
-        out = run_maps(self.maker, x, self.cfg.batch_size)
-        results = []
-        for i, (im, name) in enumerate(pils):
-            small = out[self.map_name][i]
-            full = np.asarray(
-                Image.fromarray(small.astype(np.float32)).resize(im.size, Image.Resampling.BILINEAR)
+class OnnxPredictor(PredictorBase):
+    """An exported `.onnx` file, run with onnxruntime: the same `Prediction`s as `Predictor`, but
+    without the attention and the reconstruction (the graph returns the map and the score only)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", anomaly_map: str | None = None):
+        from cavga.export import read_metadata, require
+
+        meta = read_metadata(path)
+        if anomaly_map and anomaly_map != meta["anomaly_map"]:
+            raise CavgaError(
+                f"{path} holds the {meta['anomaly_map']!r} map only; export the run again for {anomaly_map!r}"
             )
-            full = np.clip(full, 0.0, 1.0)
-            score = float(out[f"score/{self.map_name}"][i])
-            prob = float(out["class_probability"][i]) if "class_probability" in out else None
-            results.append(
-                Prediction(
-                    source=name,
-                    score=score,
-                    threshold=self.threshold,
-                    is_anomalous=score >= self.threshold,
-                    anomaly_map=full,
-                    mask=full >= 0.5,
-                    attention=out["attention"][i],
-                    reconstruction=chw_to_image(out["recon"][i]),
-                    image=chw_to_image(x[i].numpy()),
-                    class_probability=prob,
-                    classifier_anomalous=None if prob is None else prob >= 0.5,
-                )
-            )
-        return results
+        ort = require("onnxruntime")
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.meta = meta
+        self.map_name, self.threshold = meta["anomaly_map"], float(meta["threshold"])
+        self.channels, self.image_size, self.batch_size = (
+            meta["channels"],
+            meta["image_size"],
+            meta["batch_size"],
+        )
+
+    def _infer(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        m, s = self.session.run(None, {"images": x.numpy()})
+        return {"map": m, "score": s}
 
 
-def load_run(run_dir: str | Path, device: str = "auto", anomaly_map: str | None = None) -> Predictor:
-    """Load a trained run folder for prediction."""
+def load_run(run_dir: str | Path, device: str = "auto", anomaly_map: str | None = None) -> PredictorBase:
+    """Load a trained run folder, or a `.onnx` file `cavga export` wrote, for prediction."""
+    if Path(run_dir).suffix.lower() == ".onnx" and Path(run_dir).is_file():
+        return OnnxPredictor(run_dir, device, anomaly_map)
     return Predictor(run_dir, device, anomaly_map)

@@ -1,4 +1,5 @@
-"""The `cavga` command line: demo, make-demo-data, train, test, predict, models."""
+"""The `cavga` command line: demo, make-demo-data, train, test, predict, export, compare, benchmark,
+models."""
 
 from __future__ import annotations
 
@@ -93,16 +94,30 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cavga.api import Predictor
+    from cavga.api import load_run
     from cavga.engine.predict import predict_files
 
-    predictor = Predictor(args.run, args.device, args.anomaly_map)
-    out = args.out or str(Path(args.run) / "predictions")
+    predictor = load_run(args.run, args.device, args.anomaly_map)
+    run = Path(args.run)
+    out = args.out or str((run.parent if run.suffix.lower() == ".onnx" else run) / "predictions")
     csv_path, failed = predict_files(predictor, args.inputs, out)
     print(
         f"predictions written to {csv_path}" + (f" ({failed} image(s) could not be read)" if failed else "")
     )
     return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cavga.export import export_onnx, read_metadata
+
+    path = export_onnx(args.run, args.out, args.anomaly_map)
+    meta = read_metadata(path)
+    print(
+        f"exported {meta['model']} ({meta['anomaly_map']} map, {meta['image_size']} px, "
+        f"{meta['channels']} channel(s), image threshold {meta['threshold']:.6g}) to {path}; "
+        f"predict with: cavga predict {path} IMAGES"
+    )
+    return 0
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict:
@@ -350,9 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
         help="score new images; write maps, masks, overlays, a CSV",
         epilog="examples:\n  cavga predict runs/cavga-ru-brick part1.png part2.png --out preds\n"
-        "  cavga predict runs/cavga-ru-brick incoming/ --out preds",
+        "  cavga predict runs/cavga-ru-brick incoming/ --out preds\n"
+        "  cavga predict runs/cavga-ru-brick/model.onnx incoming/ --out preds   # an exported run",
     )
-    r.add_argument("run", help="run folder")
+    r.add_argument("run", help="run folder, or a .onnx file from `cavga export`")
     r.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     r.add_argument("--out", help="output folder (default <run>/predictions)")
     r.add_argument(
@@ -364,6 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser(
+        "export",
+        formatter_class=raw,
+        help="write a trained run as one ONNX graph (images → calibrated map and score)",
+        epilog="examples:\n  cavga export runs/cavga-ru-brick     # writes runs/cavga-ru-brick/model.onnx\n"
+        "  cavga export runs/cavga-ru-brick --out brick.onnx --anomaly-map latent-stats\n"
+        "needs: pip install 'cavga[export]'",
+    )
+    x.add_argument("run", help="a finished run folder")
+    x.add_argument("--format", choices=("onnx",), default="onnx")
+    x.add_argument("--out", help="output file (default <run>/model.onnx)")
+    x.add_argument(
+        "--anomaly-map", dest="anomaly_map", default=None, help="the map to export (default: the run's)"
+    )
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser(
         "compare",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cavga.api import Predictor
+from cavga.api import PredictorBase
 from cavga.data import IMAGE_EXTENSIONS, open_image
 from cavga.errors import CavgaError, DataError, warn
 from cavga.visualize import PRED_COLOR, draw_contour, overlay, save_map_png, save_mask_png
@@ -58,7 +58,9 @@ def collect_inputs(inputs: list[str | Path]) -> list[tuple[Path, str]]:
     return [(p, s if stems.count(s) == 1 else f"{s}_{i}") for i, (p, s) in enumerate(found)]
 
 
-def predict_files(predictor: Predictor, inputs: list[str | Path], out_dir: str | Path) -> tuple[Path, int]:
+def predict_files(
+    predictor: PredictorBase, inputs: list[str | Path], out_dir: str | Path
+) -> tuple[Path, int]:
     """Predict every input; returns the CSV path and the number of images that failed.
 
     Whatever goes wrong with one image (it cannot be read, or anything unexpected) becomes that
@@ -85,14 +87,14 @@ def predict_files(predictor: Predictor, inputs: list[str | Path], out_dir: str |
     return csv_path, failed
 
 
-def _predict_one(predictor: Predictor, path: Path, stem: str, out: Path) -> dict[str, str | int]:
+def _predict_one(predictor: PredictorBase, path: Path, stem: str, out: Path) -> dict[str, str | int]:
     """Score one file, write its map, mask and overlay, and return its CSV row."""
     p = predictor.predict(path)
     names = {k: f"{stem}_{k}.png" for k in ("map", "mask", "overlay")}
     save_map_png(out / names["map"], p.anomaly_map)
     save_mask_png(out / names["mask"], p.mask)
     # The overlay is drawn on the image at its own size (as a viewer shows it), as the user knows it.
-    original = np.asarray(open_image(path).convert("L" if predictor.cfg.channels == 1 else "RGB")) / 255.0
+    original = np.asarray(open_image(path).convert("L" if predictor.channels == 1 else "RGB")) / 255.0
     Image.fromarray(draw_contour(overlay(original, p.anomaly_map), p.mask, PRED_COLOR)).save(
         out / names["overlay"]
     )

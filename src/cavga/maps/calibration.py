@@ -59,9 +59,13 @@ class MapMaker:
         calibration: dict | None,
         device: torch.device,
         maps: tuple[str, ...] | None = None,
+        attention: bool = True,
     ):
         self.model, self.cfg, self.cal, self.device = model, cfg, calibration, device
         self.maps = needed_maps(model, maps)
+        # Without `attention` the model's own map (`paper`) is skipped unless asked for: an exported
+        # graph computes only the maps it returns.
+        self.attention = attention or "paper" in (maps or ())
         cal = calibration or {}
         # Runs calibrated before the maps package stored latent-stats' statistics under "stats".
         self.fitted = cal.get("fitted", {"latent-stats": cal["stats"]} if "stats" in cal else {})
@@ -84,7 +88,8 @@ class MapMaker:
             ctx.done[name], score = spec.compute(ctx)
             if score is not None:
                 ctx.done[f"rawscore/{name}"] = score
-        ctx.done["paper"], ctx.done["paper_score"] = MAPS["paper"].compute(ctx)
+        if self.attention:
+            ctx.done["paper"], ctx.done["paper_score"] = MAPS["paper"].compute(ctx)
         res = {
             **ctx.done,
             "recon": out.recon,
