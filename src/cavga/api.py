@@ -67,11 +67,13 @@ class PredictorBase:
     """What every predictor shares: decoding, the channel check, and building `Prediction`s from
     the maps and scores its backend computes at the model's size (see `_infer`)."""
 
+    model_name: str
     map_name: str
     threshold: float
     channels: int
     image_size: int
     batch_size: int
+    training: dict  # what it was trained on: category, n_train
 
     def _tensor(self, im: Image.Image, name: str) -> torch.Tensor:
         if self.channels == 1 and not is_grey(im):
@@ -142,11 +144,11 @@ class Predictor(PredictorBase):
                 f"Grad-CAM variants are calibrated only when chosen with --anomaly-map at training)"
             )
         self.threshold = float(self.calibration["image_thresholds"][self.map_name])
-        self.channels, self.image_size, self.batch_size = (
-            self.cfg.channels,
-            self.cfg.image_size,
-            self.cfg.batch_size,
-        )
+        cfg = self.cfg
+        self.channels, self.image_size, self.batch_size = cfg.channels, cfg.image_size, cfg.batch_size
+        self.model_name = cfg.model
+        data = ckpt["data"]
+        self.training = {"category": data.get("category_name"), "n_train": len(data.get("train_files", []))}
         self.maker = MapMaker(self.model, self.cfg, self.calibration, self.device, maps=(self.map_name,))
 
     def _infer(self, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -182,6 +184,8 @@ class OnnxPredictor(PredictorBase):
             meta["image_size"],
             meta["batch_size"],
         )
+        self.model_name = meta["model"]
+        self.training = {"category": meta.get("category"), "n_train": meta.get("n_train")}
 
     def _infer(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         m, s = self.session.run(None, {"images": x.numpy()})

@@ -1,5 +1,5 @@
-"""The `cavga` command line: demo, make-demo-data, train, test, predict, export, compare, benchmark,
-models."""
+"""The `cavga` command line: demo, make-demo-data, train, test, predict, export, serve, compare,
+benchmark, models."""
 
 from __future__ import annotations
 
@@ -117,6 +117,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{meta['channels']} channel(s), image threshold {meta['threshold']:.6g}) to {path}; "
         f"predict with: cavga predict {path} IMAGES"
     )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cavga.serve import serve
+
+    options = {"device": args.device, "max_upload_mb": args.max_upload_mb, "max_batch": args.max_batch}
+    serve(args.run, args.host, args.port, args.workers, **options)
     return 0
 
 
@@ -396,6 +404,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--anomaly-map", dest="anomaly_map", default=None, help="the map to export (default: the run's)"
     )
     x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser(
+        "serve",
+        formatter_class=raw,
+        help="serve a run over HTTP: POST /predict, GET /health, /info, and a web page at /",
+        epilog="examples:\n  cavga serve runs/cavga-ru-brick                  # http://127.0.0.1:8000/\n"
+        "  cavga serve runs/cavga-ru-brick/model.onnx --port 9000 --workers 2\n"
+        "  curl -F file=@part.png 'http://127.0.0.1:8000/predict?images=false'\n"
+        "needs: pip install 'cavga[serve]'",
+    )
+    v.add_argument("run", help="run folder, or a .onnx file from `cavga export`")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
+    v.add_argument("--max-upload-mb", type=float, default=20.0, help="larger requests get 413")
+    v.add_argument("--max-batch", type=int, default=16, help="images of concurrent requests scored together")
+    v.add_argument("--device", default="auto")
+    v.set_defaults(func=cmd_serve)
 
     c = sub.add_parser(
         "compare",

@@ -257,10 +257,22 @@ def save_map_png(path: str | PathLike[str], anomaly_map: np.ndarray) -> None:
         path: Output PNG path (parent folders are created).
         anomaly_map: ``(H, W)`` values, clipped to [0, 1].
     """
-    grey = np.round(_as_map(anomaly_map) * 255).astype(np.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grey).save(path, format="PNG")
+    map_image(anomaly_map).save(path, format="PNG")
+
+
+def map_image(anomaly_map: np.ndarray) -> Image.Image:
+    """A ``[0, 1]`` map as an 8-bit greyscale image (0 -> black, 1 -> white)."""
+    return Image.fromarray(np.round(_as_map(anomaly_map) * 255).astype(np.uint8))
+
+
+def prediction_overlay(
+    image: Image.Image, anomaly_map: np.ndarray, mask: np.ndarray, grey: bool
+) -> Image.Image:
+    """The heat map over the image at its own size, with the predicted region outlined."""
+    original = np.asarray(image.convert("L" if grey else "RGB")) / 255.0
+    return Image.fromarray(draw_contour(overlay(original, anomaly_map), mask, PRED_COLOR))
 
 
 def save_mask_png(path: str | PathLike[str], mask: np.ndarray) -> None:

@@ -13,6 +13,7 @@ with a message that names the offending path, so the command line can print it a
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,17 +271,17 @@ def has_masks(samples: Sequence[Sample]) -> bool:
 # --------------------------------------------------------------------------- images
 
 
-def _unreadable(path: Path, what: str, e: Exception) -> DataError:
-    """The one-line reason a file cannot be used."""
-    if isinstance(e, FileNotFoundError):
+def _unreadable(path: Path, what: str, e: Exception, uploaded: bool = False) -> DataError:
+    """The one-line reason a file (or uploaded bytes named `path`) cannot be used."""
+    if isinstance(e, FileNotFoundError) and not uploaded:
         return DataError(f"file not found: {path}")
-    if isinstance(e, PermissionError):
+    if isinstance(e, PermissionError) and not uploaded:
         return DataError(f"{path} cannot be read: permission denied")
     if isinstance(e, Image.DecompressionBombError):
         return DataError(f"{path} is refused as {what}: {e}")
-    if path.is_symlink() and not path.exists():
+    if not uploaded and path.is_symlink() and not path.exists():
         return DataError(f"{path} is a broken or looping symbolic link")
-    if path.is_file() and path.stat().st_size == 0:
+    if not uploaded and path.is_file() and path.stat().st_size == 0:
         return DataError(f"{path} cannot be decoded as {what}: the file is empty")
     if isinstance(e, UnidentifiedImageError):
         return DataError(
@@ -289,14 +290,17 @@ def _unreadable(path: Path, what: str, e: Exception) -> DataError:
     return DataError(f"{path} cannot be decoded as {what}: {e}")
 
 
-def open_image(path: Path, what: str = "an image") -> Image.Image:
-    """Open and fully decode an image file, turned as its EXIF orientation says (as a viewer shows
-    it); DataError naming the file when it cannot be read or decoded.
+def open_image(path: Path, what: str = "an image", data: bytes | None = None) -> Image.Image:
+    """Open and fully decode an image file (or, with `data`, those bytes, named `path` in messages),
+    turned as its EXIF orientation says (as a viewer shows it); DataError naming the file when it
+    cannot be read or decoded.
 
     Pillow refuses images above twice its decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`).
     """
+    if data is not None and not data:
+        raise DataError(f"{path} cannot be decoded as {what}: the file is empty")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)  # a copy, so it outlives the closed file
             if im.mode == "P" and "transparency" in im.info:
@@ -304,7 +308,7 @@ def open_image(path: Path, what: str = "an image") -> Image.Image:
                 im = im.convert("RGBA")
             return im
     except _DECODE_ERRORS as e:
-        raise _unreadable(Path(path), what, e) from e
+        raise _unreadable(Path(path), what, e, uploaded=data is not None) from e
 
 
 def _check_channels(channels: int) -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from cavga.api import PredictorBase
 from cavga.data import IMAGE_EXTENSIONS, open_image
 from cavga.errors import CavgaError, DataError, warn
-from cavga.visualize import PRED_COLOR, draw_contour, overlay, save_map_png, save_mask_png
+from cavga.visualize import prediction_overlay, save_map_png, save_mask_png
 
 CSV_FIELDS = (
     "file",
@@ -94,8 +91,7 @@ def _predict_one(predictor: PredictorBase, path: Path, stem: str, out: Path) -> 
     save_map_png(out / names["map"], p.anomaly_map)
     save_mask_png(out / names["mask"], p.mask)
     # The overlay is drawn on the image at its own size (as a viewer shows it), as the user knows it.
-    original = np.asarray(open_image(path).convert("L" if predictor.channels == 1 else "RGB")) / 255.0
-    Image.fromarray(draw_contour(overlay(original, p.anomaly_map), p.mask, PRED_COLOR)).save(
+    prediction_overlay(open_image(path), p.anomaly_map, p.mask, predictor.channels == 1).save(
         out / names["overlay"]
     )
     return {
