@@ -1,5 +1,5 @@
-"""The `cavga` command line: demo, make-demo-data, train, test, predict, export, serve, compare,
-benchmark, models."""
+"""The `cavga` command line: demo, make-demo-data, train, test, predict, export, serve, report,
+compare, benchmark, models."""
 
 from __future__ import annotations
 
@@ -117,6 +117,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{meta['channels']} channel(s), image threshold {meta['threshold']:.6g}) to {path}; "
         f"predict with: cavga predict {path} IMAGES"
     )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cavga.report import write_report
+
+    print(f"report written to {write_report(args.run, args.out)}")
     return 0
 
 
@@ -404,6 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--anomaly-map", dest="anomaly_map", default=None, help="the map to export (default: the run's)"
     )
     x.set_defaults(func=cmd_export)
+
+    o = sub.add_parser(
+        "report",
+        formatter_class=raw,
+        help="one self-contained HTML file about a tested run: settings, curves, metrics, panels",
+        epilog="examples:\n  cavga test runs/cavga-ru-brick && cavga report runs/cavga-ru-brick\n"
+        "needs: pip install 'cavga[report]'",
+    )
+    o.add_argument("run", help="a run folder evaluated with `cavga test`")
+    o.add_argument("--out", help="output file (default <run>/report.html)")
+    o.set_defaults(func=cmd_report)
 
     v = sub.add_parser(
         "serve",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 from typing import Any
@@ -154,9 +155,51 @@ def evaluate(
         decided = summarize(None, None, out["class_probability"], labels, types, image_threshold=0.5)
         result["classifier_detection_accuracy"] = decided["overall"]["detection_accuracy"]
     write_json(run / "metrics.json", result)
+    write_details(run, samples, labels, out[chosen], out[f"score/{chosen}"], masks, pixel_valid)
     if panels:
         write_panels(run / "panels", samples, images, out, chosen, masks)
     return result
+
+
+def write_details(run: Path, samples, labels, maps, scores, masks, pixel_valid) -> None:
+    """`scores.csv` (one row per test image: its score and, with masks, the IoU of map ≥ 0.5 with
+    its mask) and `curves.npz` (the image ROC, and with masks the pixel ROC and the PRO curve) of
+    the run's map, for `cavga report`."""
+    from sklearn.metrics import roc_curve
+
+    from cavga.metrics import pro_curve
+
+    iou = np.full(len(samples), np.nan)
+    curves: dict[str, np.ndarray] = {}
+    if len(set(labels.tolist())) == 2:
+        curves["image_fpr"], curves["image_tpr"], _ = roc_curve(labels, scores)
+    if masks is not None:
+        valid = pixel_valid if pixel_valid is not None else np.ones(len(samples), bool)
+        pred, truth = maps >= 0.5, masks > 0.5
+        union = (pred | truth).sum(axis=(1, 2))
+        iou = np.where(
+            (labels == 1) & valid & (union > 0),
+            (pred & truth).sum(axis=(1, 2)) / np.maximum(union, 1),
+            np.nan,
+        )
+        m, t = maps[valid], truth[valid]
+        if t.any() and not t.all():
+            step = max(1, m.size // 2_000_000)  # a strided subsample is plenty for a picture
+            fpr, tpr, _ = roc_curve(t.ravel()[::step], m.ravel()[::step], drop_intermediate=True)
+            curves["pixel_fpr"], curves["pixel_tpr"] = fpr, tpr
+            curves["pro_fpr"], curves["pro"], _ = pro_curve(m, t)
+    np.savez_compressed(run / "curves.npz", **curves)
+    with (run / "scores.csv").open("w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "defect_type", "label", "score", "iou", "panel"])
+        for i, s in enumerate(samples):
+            w.writerow([str(s.path), s.defect_type, int(labels[i]), f"{scores[i]:.6g}",
+                        "" if np.isnan(iou[i]) else f"{iou[i]:.4f}", panel_name(s)])  # fmt: skip
+
+
+def panel_name(s) -> str:
+    """The file name of a test image's panel in `<run>/panels`."""
+    return f"{s.defect_type}_{s.path.stem}.png"
 
 
 def write_panels(
@@ -165,7 +208,7 @@ def write_panels(
     """One PNG per image: input, reconstruction, attention, map overlay, predicted and true contours."""
     for i, s in enumerate(samples):
         save_panel(
-            folder / f"{s.defect_type}_{s.path.stem}.png",
+            folder / panel_name(s),
             chw_to_image(images[i].numpy()),
             chw_to_image(out["recon"][i]),
             out["attention"][i],
