@@ -3,7 +3,9 @@ time, and check that the run ends with the same weights as an uninterrupted one.
 
     python scripts/kill_resume.py --kills 24 --out /tmp/kills
 
-Both runs use the same process settings (one thread each), on the built-in demo data. Each
+Both runs use the same process settings (one thread each), on the built-in demo data. The first
+three kills land in the first 5 s (before the first checkpoint), the others uniformly in
+[0.5, --max-delay] s of each attempt. Each
 attempt is reported: when it was killed, the step of the checkpoint it left, and whether it died
 while writing a checkpoint (a `checkpoint.pt.tmp` left behind).
 """
@@ -63,7 +65,8 @@ def main() -> int:
         attempt += 1
         (run / (CHECKPOINT + ".tmp")).unlink(missing_ok=True)
         proc = subprocess.Popen(command(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        delay = rng.uniform(0.5, args.max_delay) if attempt <= args.kills else None
+        # The first three kills land while Python and torch start (before any checkpoint).
+        delay = rng.uniform(0.5, args.max_delay if attempt > 3 else 5.0) if attempt <= args.kills else None
         if delay is not None:
             try:
                 proc.wait(timeout=delay)
