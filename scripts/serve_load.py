@@ -50,8 +50,8 @@ def main() -> int:
     Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(buf, format="PNG")
     image = buf.getvalue()
 
-    server = subprocess.Popen([sys.executable, "-m", "cavga", "serve", args.run, "--port", str(args.port),
-                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    serve = [sys.executable, "-m", "cavga", "serve", args.run, "--port", str(args.port), "--device", "cpu"]
+    server = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{args.port}"
     try:
         for _ in range(600):
@@ -100,9 +100,11 @@ def main() -> int:
         predictor.predict_batch(pils)
         n += len(pils)
     offline = n / (time.perf_counter() - t1)
-    print(f"{args.clients} clients for {elapsed:.0f} s, {size} px, pictures {'on' if args.pictures else 'off'}: "
-          f"{len(latencies)} requests, {errors[0]} errors; latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
-          f"p95 {q[18] * 1000:.0f} ms; throughput {served:.1f} images/s; server RSS {rss_start:.0f} MB at start, "
+    p50, p95 = statistics.median(latencies) * 1000, q[18] * 1000
+    pictures = "on" if args.pictures else "off"
+    print(f"{args.clients} clients for {elapsed:.0f} s, {size} px, pictures {pictures}: "
+          f"{len(latencies)} requests, {errors[0]} errors; latency p50 {p50:.0f} ms, p95 {p95:.0f} ms; "
+          f"throughput {served:.1f} images/s; server RSS {rss_start:.0f} MB at start, "
           f"{rss_end:.0f} MB at end")  # fmt: skip
     print(f"offline predict_batch (batch {predictor.batch_size}): {offline:.1f} images/s; "
           f"served / offline = {served / offline:.2f}")  # fmt: skip
