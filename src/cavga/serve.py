@@ -277,7 +277,7 @@ body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 56rem; 
 #drop { border: 2px dashed #888; border-radius: 8px; padding: 2.5rem; text-align: center; cursor: pointer; }
 #drop.over { background: #eef; }
 .result { display: flex; gap: 1.5rem; margin-top: 1.5rem; align-items: flex-start; }
-.result img { max-width: 26rem; image-rendering: pixelated; border: 1px solid #ccc; }
+.result img { width: 20rem; image-rendering: pixelated; border: 1px solid #ccc; }
 .anomalous { color: #b00; font-weight: bold; } .normal { color: #070; font-weight: bold; }
 .error { color: #b00; } small { color: #666; }
 </style></head>
