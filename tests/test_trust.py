@@ -111,6 +111,7 @@ def test_broken_run_folders_give_one_line(finished, data, tmp_path, capsys, dama
     for argv in (
         ["test", str(run), "--no-panels"],
         ["predict", str(run), str(data), "--out", str(tmp_path / "p")],
+        ["train", "--out", str(run), "--resume", "--quiet"],
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -28,6 +28,7 @@ from cavga.engine.run import (
     CHECKPOINT,
     build_model,
     load_checkpoint,
+    load_weights,
     resolve_device,
     save_checkpoint,
     seed_everything,
@@ -206,11 +207,16 @@ def train(
         opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.d_lr, betas=cfg.betas)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if opt_g is not None:
-            opt_g.load_state_dict(ckpt["opt_g"])
-        if opt_d is not None:
-            opt_d.load_state_dict(ckpt["opt_d"])
+        load_weights(model, ckpt["model"], f"model {cfg.model} at {cfg.image_size} px")
+        try:
+            if opt_g is not None:
+                opt_g.load_state_dict(ckpt["opt_g"])
+            if opt_d is not None:
+                opt_d.load_state_dict(ckpt["opt_d"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunError(
+                f"the optimiser states in {run / CHECKPOINT} do not fit model {cfg.model}: {e}"
+            ) from e
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
     total = total_steps(cfg, len(data.train))
