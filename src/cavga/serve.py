@@ -15,6 +15,7 @@ FastAPI and uvicorn come with ``pip install 'cavga[serve]'``.
 
 import asyncio
 import base64
+import inspect
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -264,7 +265,14 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: i
     if workers > 1:
         # Each worker process loads the model itself; uvicorn needs an import string for that.
         os.environ[ENV_RUN], os.environ[ENV_OPTIONS] = str(run), json.dumps(options)
-        uvicorn.run("cavga.serve:app_from_environment", factory=True, host=host, port=port, workers=workers)
+        extra = {}
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters:
+            # A worker loads torch and the model before it answers (tens of seconds on a busy CPU);
+            # uvicorn's default 5 s would restart it forever.
+            extra["timeout_worker_healthcheck"] = 600
+        uvicorn.run(
+            "cavga.serve:app_from_environment", factory=True, host=host, port=port, workers=workers, **extra
+        )
     else:
         uvicorn.run(create_app(run, **options), host=host, port=port)
 
