@@ -73,6 +73,23 @@ def main() -> int:
     with (preds / "predictions.csv").open(encoding="utf-8") as f:
         rows = {Path(r["file"]).name: r for r in csv.DictReader(f)}
     predictor = load_run(run, device="cpu")
+    from fastapi.testclient import TestClient
+
+    from cavga.serve import create_app
+
+    service = TestClient(create_app(run, device="cpu")).__enter__()
+
+    def served(path: Path) -> str:
+        """What the service answers when the file's bytes are posted (under a name HTTP can carry)."""
+        name = path.name.encode("utf-8", "backslashreplace").decode()
+        r = service.post("/predict?images=false", files=[("file", (name, path.read_bytes(), "image/png"))])
+        if r.status_code >= 500:
+            tracebacks["service"] = True
+            return f"HTTP {r.status_code}"
+        if r.status_code == 400:
+            return f"400: {short(r.json()['detail'][0]['error'])}"
+        error = r.json()["results"][0]["error"]
+        return "handled" if error is None else short(error)
 
     def api(path: Path) -> str:
         try:
@@ -89,7 +106,7 @@ def main() -> int:
             return short(refused[name])
         return "handled" if used else "ignored"
 
-    print("| input | expected | train | test | predict | API |\n|---|---|---|---|---|---|")
+    print("| input | expected | train | test | predict | API | service |\n|---|---|---|---|---|---|---|")
     for e in images:
         shown = e.name.encode("utf-8", "backslashreplace").decode()  # as predictions.csv writes it
         row = rows.get(shown)
@@ -101,6 +118,7 @@ def main() -> int:
             outcome(e.name, tested, test_skipped),
             pred,
             api_cell,
+            served(cat / "train" / "good" / e.name) if e.expected != "ignored" else "not applicable",
         ]
         print(f"| {e.what} | {e.expected} | " + " | ".join(cells) + " |")
     for e in masks:
@@ -111,7 +129,8 @@ def main() -> int:
             cell = "handled: image metrics only"
         else:
             cell = "handled: binarised (> 127)"
-        print(f"| {e.what} | {e.expected} | not read (no masks in training) | {cell} | not read | not read |")
+        unread = " | ".join(["not read"] * 3)
+        print(f"| {e.what} | {e.expected} | not read (no masks in training) | {cell} | {unread} |")
     codes = ", ".join(f"{k} {r.returncode}" for k, r in runs.items())
     print(f"\nexit codes: {codes} (predict: 1 when some images failed)")
     where = ", ".join(k for k, v in tracebacks.items() if v) or "none"

@@ -181,3 +181,25 @@ def test_unreadable_file_is_one_line(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(Image, "open", denied)
     with pytest.raises(DataError, match=rf"{path} cannot be read: permission denied"):
         open_image(path)
+
+
+def test_service_answers_every_corpus_file_in_one_request(corpus) -> None:
+    """The service gets the files' bytes (it never reads a path): every usable one is scored, every
+    other is that file's one-line error, and the request as a whole succeeds."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from cavga.serve import create_app
+
+    folder = corpus["cat"] / "train" / "good"
+    sent = [e for e in corpus["images"] if e.expected != IGNORED]
+    files = [("file", (f"f{i}.png", (folder / e.name).read_bytes(), "image/png")) for i, e in enumerate(sent)]
+    with TestClient(create_app(corpus["run"], device="cpu")) as client:
+        r = client.post("/predict?images=false", files=files)
+    assert r.status_code == 200
+    for entry, res in zip(sent, r.json()["results"], strict=True):
+        assert (res["error"] is None) == (entry.expected == HANDLED), (entry.what, res["error"])
+        if res["error"]:
+            assert (
+                res["file"] in res["error"] and "\n" not in res["error"] and "unexpected" not in res["error"]
+            )
