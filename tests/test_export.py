@@ -13,7 +13,7 @@ import torch
 from cavga import load_run
 from cavga.api import OnnxPredictor
 from cavga.cli import main
-from cavga.data import load_image, make_demo_data
+from cavga.data import load_image
 from cavga.engine.run import load_checkpoint, load_model
 from cavga.errors import CavgaError
 from cavga.export import export_onnx, read_metadata
@@ -23,17 +23,8 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    data = make_demo_data(
-        tmp_path_factory.mktemp("demo"), seed=0, image_size=SIZE, n_train=12, n_test_good=3, n_test_defect=1,
-        categories=("brick",),
-    )  # fmt: skip
-    out = tmp_path_factory.mktemp("runs") / "run"
-    settings = ["--model", "cavga-du", "--image-size", str(SIZE), "--steps", "2", "--batch-size", "4"]
-    assert (
-        main(["train", "--data", str(data), *settings, "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    )
-    return out
+def run(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 def test_graph_matches_pytorch_at_batch_1_and_8(run: Path, tmp_path: Path) -> None:

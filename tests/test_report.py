@@ -10,25 +10,14 @@ from pathlib import Path
 import pytest
 
 from cavga.cli import main
-from cavga.data import make_demo_data
 
 pytest.importorskip("matplotlib")
-SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def tested(tmp_path_factory) -> Path:
-    data = make_demo_data(
-        tmp_path_factory.mktemp("demo"), seed=0, image_size=SIZE, n_train=12, n_test_good=5, n_test_defect=2,
-        categories=("brick",),
-    )  # fmt: skip
-    run = tmp_path_factory.mktemp("runs") / "run"
-    settings = ["--model", "cavga-du", "--image-size", str(SIZE), "--steps", "3", "--batch-size", "4"]
-    assert (
-        main(["train", "--data", str(data), *settings, "--out", str(run), "--quiet", "--device", "cpu"]) == 0
-    )
-    assert main(["test", str(run), "--device", "cpu"]) == 0
-    return run
+def tested(tiny_run: Path) -> Path:
+    assert main(["test", str(tiny_run), "--device", "cpu"]) == 0
+    return tiny_run
 
 
 def test_report_holds_the_metrics_curves_and_one_image_per_panel(tested: Path, tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 
 from cavga import load_run
 from cavga.cli import main
-from cavga.data import make_demo_data
 from cavga.engine.run import load_checkpoint
 from cavga.serve import Batcher, create_app
 
@@ -26,17 +25,8 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    data = make_demo_data(
-        tmp_path_factory.mktemp("demo"), seed=0, image_size=SIZE, n_train=12, n_test_good=2, n_test_defect=1,
-        categories=("brick",),
-    )  # fmt: skip
-    out = tmp_path_factory.mktemp("runs") / "run"
-    settings = ["--model", "cavga-du", "--image-size", str(SIZE), "--steps", "2", "--batch-size", "4"]
-    assert (
-        main(["train", "--data", str(data), *settings, "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    )
-    return out
+def run(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
