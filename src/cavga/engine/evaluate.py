@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_curve
 
 from cavga.data import category_dir, has_masks, infer_channels, list_split, load_usable
 from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_json
 from cavga.errors import DataError, RunError, warn
 from cavga.maps import MAPS, MapMaker, cheap_maps
-from cavga.metrics import summarize
+from cavga.metrics import pro_curve, summarize
 from cavga.networks import MODELS
 from cavga.visualize import chw_to_image, save_panel
 
@@ -165,10 +166,6 @@ def write_details(run: Path, samples, labels, maps, scores, masks, pixel_valid) 
     """`scores.csv` (one row per test image: its score and, with masks, the IoU of map ≥ 0.5 with
     its mask) and `curves.npz` (the image ROC, and with masks the pixel ROC and the PRO curve) of
     the run's map, for `cavga report`."""
-    from sklearn.metrics import roc_curve
-
-    from cavga.metrics import pro_curve
-
     iou = np.full(len(samples), np.nan)
     curves: dict[str, np.ndarray] = {}
     if len(set(labels.tolist())) == 2:
