@@ -35,8 +35,11 @@ def test_report_holds_the_metrics_curves_and_one_image_per_panel(tested: Path, t
         )
     for ref in metrics["references"]:
         assert f"reference: {ref}" in page
-    for defect in metrics["per_type"]:
-        assert f"<td>{defect}</td>" in page
+    for defect, m in metrics["per_type"].items():
+        row = re.search(rf"<tr><td>{defect}: memory</td>(.*?)</tr>", page)
+        assert row and re.findall(r"<td>(.*?)</td>", row.group(1))[0] == f"{m['pixel_auroc']:.3f}"
+        for ref in metrics["references"]:
+            assert f"<td>{defect}: reference {ref}</td>" in page
     # Pictures: the training curve, the curves, and 4 + 4 + 4 panels, each one inlined image.
     images = re.findall(r'<img alt="([^"]*)" class="([^"]*)" src="data:image/png;base64,', page)
     panels = [alt for alt, css in images if css == "panel"]

@@ -160,7 +160,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     chosen = metrics["anomaly_map"]
     rows = [(f"{n} (the run map)" if n == chosen else n, m["overall"]) for n, m in metrics["maps"].items()]
     rows += [(f"reference: {n}", m["overall"]) for n, m in metrics["references"].items()]
-    per_type = [(t, m) for t, m in metrics["per_type"].items()]
+    # Per defect type: the run's map, then each reference map on the same images.
+    per_type = []
+    for t, m in metrics["per_type"].items():
+        per_type.append((f"{t}: {chosen}", m))
+        per_type += [
+            (f"{t}: reference {n}", r["per_type"][t])
+            for n, r in metrics["references"].items()
+            if t in r["per_type"]
+        ]
     settings = {k: cfg.get(k) for k in SETTINGS if cfg.get(k) is not None}
     settings.update(
         {
@@ -188,7 +196,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "<h2>Training</h2>" + (_img(curve, "training losses") if curve else "<p>No training steps.</p>")
     )
     parts.append("<h2>Metrics</h2>" + _table(rows, "map"))
-    parts.append(f"<h3>Per defect type ({html.escape(chosen)})</h3>" + _table(per_type, "defect type"))
+    parts.append("<h3>Per defect type, beside the reference maps</h3>" + _table(per_type, "defect type: map"))
     plots = _curves(plt, run / "curves.npz")
     if plots:
         parts.append("<h2>Curves</h2>" + _img(plots, "ROC and PRO curves"))
