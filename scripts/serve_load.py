@@ -80,8 +80,17 @@ def main() -> int:
                         latencies.append(dt)
                         errors[0] += r.status_code != 200 or r.json()["results"][0]["error"] is not None
 
+        samples: list[float] = []
+
+        def monitor() -> None:  # the server's resident memory every 10 s, to see whether it levels off
+            while time.perf_counter() < stop:
+                samples.append(rss_mb(server.pid))
+                time.sleep(10)
+
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        threads = [threading.Thread(target=client) for _ in range(args.clients)] + [
+            threading.Thread(target=monitor)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -105,7 +114,7 @@ def main() -> int:
     print(f"{args.clients} clients for {elapsed:.0f} s, {size} px, pictures {pictures}: "
           f"{len(latencies)} requests, {errors[0]} errors; latency p50 {p50:.0f} ms, p95 {p95:.0f} ms; "
           f"throughput {served:.1f} images/s; server RSS {rss_start:.0f} MB at start, "
-          f"{rss_end:.0f} MB at end")  # fmt: skip
+          f"{rss_end:.0f} MB at end; every 10 s: {', '.join(f'{v:.0f}' for v in samples)} MB")  # fmt: skip
     print(f"offline predict_batch (batch {predictor.batch_size}): {offline:.1f} images/s; "
           f"served / offline = {served / offline:.2f}")  # fmt: skip
     return 0 if errors[0] == 0 else 1
