@@ -129,7 +129,7 @@ def test_concurrent_requests_are_scored_in_one_batch(run: Path, images) -> None:
         return batcher.batch_sizes, out
 
     sizes, out = asyncio.run(go())
-    assert sizes == [len(pils)]
+    assert list(sizes) == [len(pils)]
     direct = predictor.predict_batch(pils)
     assert [p.score for p in out] == pytest.approx([p.score for p in direct], rel=1e-5, abs=1e-6)
 

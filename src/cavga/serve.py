@@ -17,7 +17,9 @@ import asyncio
 import base64
 import inspect
 import io
+import json
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,7 +66,7 @@ class Batcher:
         self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait_ms / 1000
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="cavga-infer")
-        self.batch_sizes: list[int] = []  # what was run, for /info and the tests
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # the latest batches run, for /info and tests
 
     async def predict(self, image: Image.Image, name: str) -> Prediction:
         job = _Job(image, name, asyncio.get_running_loop().create_future())
@@ -221,7 +223,8 @@ def create_app(
 
     @app.get("/info")
     async def get_info() -> dict:
-        return info
+        recent = batcher.batch_sizes
+        return {**info, "mean_recent_batch": sum(recent) / len(recent) if recent else None}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -250,15 +253,11 @@ def create_app(
 
 def app_from_environment():
     """The app for one `cavga serve --workers N` worker process (settings from the environment)."""
-    import json
-
     return create_app(os.environ[ENV_RUN], **json.loads(os.environ.get(ENV_OPTIONS, "{}")))
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, **options) -> None:
     """Run the service until stopped (Ctrl-C)."""
-    import json
-
     require_serve()
     import uvicorn
 
