@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from cavga.cli import main
 from cavga.config import make_config
+from cavga.data import load_image, make_demo_data
 from cavga.maps import MapMaker, calibrate, greedy_coreset, nearest_distance
 from cavga.maps import memory as memory_module
 from cavga.networks import create_model
@@ -127,3 +129,30 @@ def test_fused_score_is_the_mean_of_standardised_peak_and_whole_image_scores(anc
     )
     torch.testing.assert_close(fused["score/memory"], expected, rtol=1e-4, atol=1e-4)
     assert fused["score/memory"][2] > fused["score/memory"][:2].max()  # noise is far from everything
+
+
+def test_standardised_feature_input_makes_the_maps_blind_to_brightness_and_contrast(tmp_path) -> None:
+    """With `feature_input = "standardised"` a part that is brighter or lower in contrast as a whole
+    (a·x + b) gets the same memory and latent-stats maps and the same whole-image score; with the
+    raw input it does not."""
+    from cavga.engine.run import load_checkpoint, load_model
+
+    data = make_demo_data(tmp_path / "d", seed=0, image_size=32, n_train=12, n_test_good=1, n_test_defect=1,
+                          categories=("brick",))  # fmt: skip
+    x = torch.stack([load_image(p, 32, 1) for p in sorted((data / "brick" / "test").rglob("*.png"))[:4]])
+    changed = 0.5 * x + 0.2
+    for feature_input, same in (("standardised", True), ("raw", False)):
+        run = tmp_path / feature_input
+        args = ["--image-size", "32", "--steps", "1", "--batch-size", "4", "--feature-input", feature_input]
+        assert (
+            main(["train", "--data", str(data), *args, "--out", str(run), "--quiet", "--device", "cpu"]) == 0
+        )
+        ckpt = load_checkpoint(run)
+        model, cfg = load_model(ckpt, torch.device("cpu"))
+        assert cfg.feature_input == feature_input
+        maker = MapMaker(
+            model, cfg, ckpt["calibration"], torch.device("cpu"), maps=("memory", "latent-stats")
+        )
+        a, b = maker.raw(x), maker.raw(changed)
+        for key in ("memory", "latent-stats", "global_score"):
+            assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-4) == same, (feature_input, key)

@@ -45,6 +45,7 @@ def _train_args(args: argparse.Namespace) -> dict:
         "anomalous_dir": args.anomalous_dir,
         "weak_fraction": args.weak_fraction,
         "image_score": args.image_score,
+        "feature_input": args.feature_input,
     }
 
 
@@ -344,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="image score of the calibrated maps: the map's peak, or fused with the whole-image "
         "nearest-neighbour score (both standardised on held-out normal images)",
+    )
+    t.add_argument(
+        "--feature-input",
+        choices=("raw", "standardised"),
+        default=None,
+        help="what the maps' encoder features see: the image (raw, default) or each image standardised "
+        "first (measured better on ELPV solar cells; see docs/method.md)",
     )
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")

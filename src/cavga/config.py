@@ -56,6 +56,10 @@ class TrainConfig:
     # Image score of the calibrated maps: "peak" (the map's maximum, or its own score) or "fused" (that
     # and the whole-image nearest-neighbour distance, standardised on held-out normal images, averaged)
     image_score: str = "fused"
+    # The input the maps' encoder features are computed from: "raw" (the image in [0, 1]) or
+    # "standardised" (each image to zero mean and unit variance first; see docs/method.md, where it
+    # measured better on ELPV; not yet the default)
+    feature_input: str = "raw"
     blur: float = 1 / 32  # Gaussian smoothing of the maps, σ as a fraction of the image size
     calib_fraction: float = 0.1  # normal training images held out to calibrate thresholds
     false_alarm_rate: float = 0.01  # target on held-out normal images for the calibrated thresholds
@@ -82,6 +86,8 @@ class TrainConfig:
         d = dict(d)
         if d.get("image_score", "peak") not in ("peak", "fused"):
             raise CavgaError(f"image_score must be 'peak' or 'fused', not {d['image_score']!r}")
+        if d.get("feature_input", "raw") not in ("raw", "standardised"):
+            raise CavgaError(f"feature_input must be 'raw' or 'standardised', not {d['feature_input']!r}")
         for key in ("betas", "stats_layers", "memory_layers"):
             if key in d and d[key] is not None:
                 d[key] = tuple(d[key])

@@ -12,16 +12,29 @@ each standardised by its mean and spread over the held-out normal images, are av
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from cavga.config import TrainConfig
 from cavga.maps.common import batches, quantile
 from cavga.maps.memory import ImageMemory, global_score
 from cavga.maps.registry import MAPS, MapContext, available_maps
-from cavga.networks import CAVGA, MODELS
+from cavga.networks import CAVGA, MODELS, ModelOutput
+from cavga.networks.anchor import standardize
 
 SCALE_QUANTILE = 0.99
 CALIBRATED = tuple(n for n, s in MAPS.items() if s.calibrated)
+
+
+def forward(model: CAVGA, cfg: TrainConfig, x: torch.Tensor) -> ModelOutput:
+    """One forward pass at z = μ for the maps. With `feature_input = "standardised"` the encoder
+    stages the maps read come from each image standardised to zero mean and unit variance, so a
+    brighter or darker part gives the same features; the reconstruction still sees `x`."""
+    out = model(x, sample=False)
+    if cfg.feature_input == "standardised":
+        out = dataclasses.replace(out, features=model.encoder(standardize(x)))
+    return out
 
 
 def needed_maps(model: CAVGA, maps: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -77,7 +90,7 @@ class MapMaker:
         (B,C,H,W), `attention` (B,H,W), `residual_score` (B,) and, when fitted, `global_score` (B,)."""
         self.model.eval()
         x = x.to(self.device)
-        out = self.model(x, sample=False)
+        out = forward(self.model, self.cfg, x)
         ctx = MapContext(self.model, self.cfg, x, out, self.fitted, scales=self.scales)
         for name in sorted(self.maps, key=lambda n: bool(MAPS[n].after)):  # derived maps last
             spec = MAPS[name]
@@ -162,7 +175,7 @@ def fit_normal_states(
     fitters["image-memory"] = ImageMemory(model, cfg, len(images))
     for xb in batches(images, cfg.batch_size):
         xb = xb.to(device)
-        out = model(xb, sample=False)
+        out = forward(model, cfg, xb)
         for f in fitters.values():
             f.update(xb, out)
     return {n: f.finish() for n, f in fitters.items()}
