@@ -148,10 +148,10 @@ def test_an_unexpected_error_on_one_image_becomes_its_row(corpus, tmp_path, monk
 
     real = Predictor.predict
 
-    def faulty(self, image):
-        if "001" in str(image):
+    def faulty(self, image, name=None):
+        if "001" in str(name):
             raise RuntimeError("boom")
-        return real(self, image)
+        return real(self, image, name)
 
     monkeypatch.setattr(Predictor, "predict", faulty)
     out = tmp_path / "preds"

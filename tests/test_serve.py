@@ -97,7 +97,7 @@ def test_a_colour_image_for_a_grey_run_is_that_images_error(client, images) -> N
     name, data = next(iter(images.items()))
     files = [("file", ("red.png", colour.getvalue(), "image/png")), ("file", (name, data, "image/png"))]
     results = client.post("/predict?images=false", files=files).json()["results"]
-    assert "colour image" in results[0]["error"] and results[1]["error"] is None
+    assert "red.png: a colour image" in results[0]["error"] and results[1]["error"] is None
 
 
 def test_oversize_upload_is_413(client) -> None:

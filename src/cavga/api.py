@@ -85,13 +85,16 @@ class PredictorBase:
         and `class_probability`."""
         raise NotImplementedError
 
-    def predict(self, image: ImageLike) -> Prediction:
-        """Score, anomaly map and mask for one image."""
-        return self.predict_batch([image])[0]
+    def predict(self, image: ImageLike, name: str | None = None) -> Prediction:
+        """Score, anomaly map and mask for one image (`name`: how messages and `source` call it)."""
+        return self.predict_batch([image], None if name is None else [name])[0]
 
-    def predict_batch(self, images: list[ImageLike]) -> list[Prediction]:
-        """Predictions for several images, computed in batches of the run's batch size."""
+    def predict_batch(self, images: list[ImageLike], names: list[str] | None = None) -> list[Prediction]:
+        """Predictions for several images, computed in batches of the run's batch size. `names`
+        name images given as PIL images or arrays (a path names itself) in messages and `source`."""
         pils = [to_pil(im) for im in images]
+        if names is not None:
+            pils = [(im, name) for (im, _), name in zip(pils, names, strict=True)]
         x = torch.stack([self._tensor(im, name) for im, name in pils])
         parts = [self._infer(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -153,8 +156,12 @@ class Predictor(PredictorBase):
 
     def _infer(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         out = run_maps(self.maker, x, len(x))
-        res = {"map": out[self.map_name], "score": out[f"score/{self.map_name}"], "recon": out["recon"]}
-        res["attention"] = out["attention"]
+        res = {
+            "map": out[self.map_name],
+            "score": out[f"score/{self.map_name}"],
+            "recon": out["recon"],
+            "attention": out["attention"],
+        }
         if "class_probability" in out:
             res["class_probability"] = out["class_probability"]
         return res

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import torch
 
 from cavga import __version__
 from cavga.engine.run import load_checkpoint, load_model
-from cavga.errors import CavgaError, RunError
+from cavga.errors import RunError
+from cavga.errors import require as require_extra
 from cavga.maps import MAPS, MapMaker, available_maps
 from cavga.maps.calibration import costly
 from cavga.networks import MODELS
@@ -31,14 +32,9 @@ METADATA_KEY = "cavga"
 _GRADIENT_OWN_MAPS = frozenset({"attention-u", "attention-w", "advae"})
 
 
-def require(module: str) -> Any:
+def require(module: str) -> ModuleType:
     """Import an optional dependency of export, or say how to install it."""
-    try:
-        return __import__(module)
-    except ImportError as e:
-        raise CavgaError(
-            f"ONNX export and prediction need the optional package {module!r}: pip install 'cavga[export]'"
-        ) from e
+    return require_extra(module, "export", "ONNX support (export and prediction)")
 
 
 def exportable(model_name: str, map_name: str) -> bool:

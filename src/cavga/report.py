@@ -21,7 +21,7 @@ import numpy as np
 
 from cavga import __version__
 from cavga.engine.run import load_checkpoint
-from cavga.errors import CavgaError, RunError
+from cavga.errors import RunError, require
 
 N_PANELS = 4  # panels per group
 COLUMNS = ("pixel_auroc", "aupro", "pixel_iou", "image_auroc", "detection_accuracy")
@@ -39,14 +39,8 @@ SETTINGS = (
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise CavgaError("`cavga report` needs matplotlib: pip install 'cavga[report]'") from e
-    return plt
+    require("matplotlib", "report", "`cavga report`").use("Agg")  # files only, no display
+    return require("matplotlib.pyplot", "report", "`cavga report`")
 
 
 def _figure_png(fig) -> str:

@@ -31,7 +31,7 @@ from PIL import Image
 from cavga import __version__
 from cavga.api import Prediction, PredictorBase, load_run
 from cavga.data import open_image
-from cavga.errors import CavgaError
+from cavga.errors import reason, require
 from cavga.visualize import map_image, prediction_overlay
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
@@ -42,14 +42,8 @@ ENV_OPTIONS = "CAVGA_SERVE_OPTIONS"
 
 
 def require_serve() -> None:
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise CavgaError(
-            f"`cavga serve` needs the optional package {e.name!r}: pip install 'cavga[serve]'"
-        ) from e
+    for module in ("fastapi", "multipart", "uvicorn"):
+        require(module, "serve", "`cavga serve`")
 
 
 @dataclass
@@ -93,14 +87,14 @@ class Batcher:
 
     def _score(self, jobs: list[_Job]) -> list[Prediction | Exception]:
         try:
-            return list(self.predictor.predict_batch([j.image for j in jobs]))
+            return list(self.predictor.predict_batch([j.image for j in jobs], [j.name for j in jobs]))
         except Exception:
             # One image spoilt the batch (a colour image for a grey run, say): score them one by
             # one, so its error is its own and the others are answered.
             out: list[Prediction | Exception] = []
             for j in jobs:
                 try:
-                    out.append(self.predictor.predict(j.image))
+                    out.append(self.predictor.predict(j.image, j.name))
                 except Exception as e:
                     out.append(e)
             return out
@@ -124,11 +118,6 @@ def _result(name: str, image: Image.Image, p: Prediction, grey: bool, pictures: 
         "overlay_png": _png(prediction_overlay(image, p.anomaly_map, p.mask, grey)) if pictures else None,
         "error": None,
     }
-
-
-def _error(name: str, e: Exception) -> dict[str, Any]:
-    reason = str(e) if isinstance(e, CavgaError) else f"unexpected error: {type(e).__name__}: {e}"
-    return {"file": name, "error": reason}
 
 
 class UploadLimit:
@@ -241,7 +230,7 @@ def create_app(
                 p = await batcher.predict(image, name)
                 return await run_in_threadpool(_result, name, image, p, grey, images)
             except Exception as e:
-                return _error(name, e)
+                return {"file": name, "error": reason(e)}
 
         results = await asyncio.gather(*(one(u) for u in file))
         if all(r["error"] for r in results):

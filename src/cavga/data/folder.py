@@ -271,8 +271,9 @@ def has_masks(samples: Sequence[Sample]) -> bool:
 # --------------------------------------------------------------------------- images
 
 
-def _unreadable(path: Path, what: str, e: Exception, uploaded: bool = False) -> DataError:
-    """The one-line reason a file (or uploaded bytes named `path`) cannot be used."""
+def _unreadable(path: Path, what: str, e: Exception, data: bytes | None = None) -> DataError:
+    """The one-line reason a file (or uploaded bytes `data` named `path`) cannot be used."""
+    uploaded = data is not None
     if isinstance(e, FileNotFoundError) and not uploaded:
         return DataError(f"file not found: {path}")
     if isinstance(e, PermissionError) and not uploaded:
@@ -281,7 +282,7 @@ def _unreadable(path: Path, what: str, e: Exception, uploaded: bool = False) -> 
         return DataError(f"{path} is refused as {what}: {e}")
     if not uploaded and path.is_symlink() and not path.exists():
         return DataError(f"{path} is a broken or looping symbolic link")
-    if not uploaded and path.is_file() and path.stat().st_size == 0:
+    if (uploaded and not data) or (not uploaded and path.is_file() and path.stat().st_size == 0):
         return DataError(f"{path} cannot be decoded as {what}: the file is empty")
     if isinstance(e, UnidentifiedImageError):
         return DataError(
@@ -297,8 +298,6 @@ def open_image(path: Path, what: str = "an image", data: bytes | None = None) ->
 
     Pillow refuses images above twice its decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`).
     """
-    if data is not None and not data:
-        raise DataError(f"{path} cannot be decoded as {what}: the file is empty")
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im.load()
@@ -308,7 +307,7 @@ def open_image(path: Path, what: str = "an image", data: bytes | None = None) ->
                 im = im.convert("RGBA")
             return im
     except _DECODE_ERRORS as e:
-        raise _unreadable(Path(path), what, e, uploaded=data is not None) from e
+        raise _unreadable(Path(path), what, e, data) from e
 
 
 def _check_channels(channels: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cavga.api import PredictorBase
 from cavga.data import IMAGE_EXTENSIONS, open_image
-from cavga.errors import CavgaError, DataError, warn
+from cavga.errors import DataError, reason, warn
 from cavga.visualize import prediction_overlay, save_map_png, save_mask_png
 
 CSV_FIELDS = (
@@ -76,9 +76,8 @@ def predict_files(
                 row = _predict_one(predictor, path, stem, out)
             except Exception as e:  # one image's failure, whatever it is, must not stop the others
                 failed += 1
-                reason = str(e) if isinstance(e, CavgaError) else f"unexpected error: {type(e).__name__}: {e}"
-                warn(f"skipped {path}: {reason}")
-                row = {"file": str(path), "error": reason}
+                warn(f"skipped {path}: {reason(e)}")
+                row = {"file": str(path), "error": reason(e)}
             writer.writerow(row)
             f.flush()  # rows written so far survive whatever happens next
     return csv_path, failed
@@ -86,14 +85,13 @@ def predict_files(
 
 def _predict_one(predictor: PredictorBase, path: Path, stem: str, out: Path) -> dict[str, str | int]:
     """Score one file, write its map, mask and overlay, and return its CSV row."""
-    p = predictor.predict(path)
+    image = open_image(path)  # decoded once, for the prediction and the overlay
+    p = predictor.predict(image, str(path))
     names = {k: f"{stem}_{k}.png" for k in ("map", "mask", "overlay")}
     save_map_png(out / names["map"], p.anomaly_map)
     save_mask_png(out / names["mask"], p.mask)
     # The overlay is drawn on the image at its own size (as a viewer shows it), as the user knows it.
-    prediction_overlay(open_image(path), p.anomaly_map, p.mask, predictor.channels == 1).save(
-        out / names["overlay"]
-    )
+    prediction_overlay(image, p.anomaly_map, p.mask, predictor.channels == 1).save(out / names["overlay"])
     return {
         "file": str(path),
         "score": f"{p.score:.6g}",
