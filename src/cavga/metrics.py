@@ -37,7 +37,9 @@ NAN = float("nan")
 
 def _maps_and_masks(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bring maps and masks to ``(N, H, W)`` float / bool arrays and check they match."""
-    maps = np.asarray(maps, dtype=np.float64)
+    maps = np.asarray(maps)
+    if maps.dtype.kind != "f":
+        maps = maps.astype(np.float64)  # float maps keep their precision (and memory)
     masks = np.asarray(masks)
     # A single image may be passed as (H, W); treat it as a batch of one.
     if maps.ndim == 2:
@@ -226,10 +228,11 @@ def pro_curve(
 
     ascending = np.linspace(maps.min(), maps.max(), num_thresholds)
 
-    # Normal pixels predicted at threshold t are those with value >= t; with the values sorted
-    # this is a count from searchsorted, for all thresholds at once.
-    normal = np.sort(maps[~masks])
-    fpr_asc = (normal.size - np.searchsorted(normal, ascending, side="left")) / normal.size
+    # Normal pixels predicted at threshold t are those with value >= t: with k = the number of
+    # thresholds <= each value (as for the anomalous pixels below), counted without sorting.
+    normal = maps[~masks]
+    k_normal = np.bincount(np.searchsorted(ascending, normal, side="right"), minlength=num_thresholds + 1)
+    fpr_asc = np.cumsum(k_normal[::-1])[::-1][1:] / normal.size
 
     # For each anomalous pixel, k = number of thresholds <= value, so the pixel is predicted at
     # exactly the thresholds ascending[:k]. A (region, k) histogram then a reversed cumulative
@@ -278,16 +281,8 @@ def aupro(
     if not masks.any() or masks.all():
         return NAN
     fpr, pro, _ = pro_curve(maps, masks, num_thresholds)
-
-    # Keep the points up to the limit and close the curve with one interpolated point exactly
-    # at the limit. The last point has FPR 1, so when fpr_limit < 1 there is a point beyond it.
-    n = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    x, y = fpr[:n], pro[:n]
-    if n < fpr.size:
-        x0, x1, y0, y1 = fpr[n - 1], fpr[n], pro[n - 1], pro[n]
-        y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
-        x, y = np.append(x, fpr_limit), np.append(y, y_limit)
-    return float(auc(x, y) / fpr_limit)
+    # The last point has FPR 1, so when fpr_limit < 1 there is a point beyond it.
+    return _area_to(fpr, pro, fpr_limit)
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -340,36 +335,119 @@ def _clean(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _group_metrics(
-    maps: np.ndarray | None,
-    masks: np.ndarray | None,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    map_threshold: float,
-    image_threshold: float | None,
-) -> dict[str, float | int | None]:
-    if image_threshold is None:
-        accuracy = paper_detection_accuracy(scores, labels)
-    else:
-        accuracy = detection_accuracy(scores, labels, image_threshold)
-    out: dict[str, float | int | None] = {
-        "pixel_iou": None,
-        "pixel_iou_all": None,
-        "pixel_auroc": None,
-        "aupro": None,
-        "pixel_f1_max": None,
-        "image_auroc": _clean(image_auroc(scores, labels)),
-        "detection_accuracy": _clean(accuracy),
-        "n_images": int(labels.size),
-        "n_anomalous": int(labels.sum()),
-    }
-    if maps is not None and masks is not None:
-        out["pixel_iou"] = _clean(pixel_iou(maps, masks, map_threshold, anomalous_only=True))
-        out["pixel_iou_all"] = _clean(pixel_iou(maps, masks, map_threshold, anomalous_only=False))
-        out["pixel_auroc"] = _clean(pixel_auroc(maps, masks))
-        out["aupro"] = _clean(aupro(maps, masks))
-        out["pixel_f1_max"] = _clean(f1_max(maps, masks))
-    return out
+# Levels of the quantised maps `summarize` computes pixel metrics on (see `PixelLevels`).
+LEVELS = 1 << 16
+
+
+class PixelLevels:
+    """The pixels of a test set's maps, quantised once to `LEVELS` evenly spaced levels over the
+    maps' range (a monotone map: ties may merge, order never flips), with each block of images'
+    histograms of normal and anomalous pixels.
+
+    Every pixel metric of a group of blocks then comes from the summed histograms in time linear in
+    the pixels, without sorting: AUROC (ties count half), F1-max and the PRO curve are those of the
+    quantised map. They equal the exact figures when the maps have no two values closer than
+    1/`LEVELS` of their range that the exact metric would order, and differ from them by at most the
+    share of (anomalous, normal) pixel pairs within one level otherwise (under 1e-5 on real maps).
+    """
+
+    def __init__(self, maps: np.ndarray, masks: np.ndarray, blocks: np.ndarray, num_thresholds: int = 200):
+        self.lo, hi = float(maps.min()), float(maps.max())
+        self.scale = (LEVELS - 1) / (hi - self.lo) if hi > self.lo else 0.0
+        self.num_thresholds = num_thresholds
+        names, block = np.unique(blocks, return_inverse=True)
+        # One pass over every pixel: bin (block, level, defect?) for all blocks' histograms at once.
+        key = self.level(maps).astype(np.int32)
+        key *= 2
+        key += masks
+        key += (block.astype(np.int32) * 2 * LEVELS)[:, None, None]
+        hist = np.bincount(key.ravel(), minlength=len(names) * 2 * LEVELS).reshape(len(names), LEVELS, 2)
+        del key
+        # The defect pixels: their values, connected regions and blocks (a few % of the pixels).
+        defective = np.flatnonzero(masks.any(axis=(1, 2)))
+        m = masks[defective]
+        values, regions = maps[defective][m], _regions(m)[m]
+        pixel_block = np.repeat(block[defective], m.sum(axis=(1, 2)))
+        low, high = maps.min(axis=(1, 2)), maps.max(axis=(1, 2))
+        self.stats: dict[object, dict] = {}
+        for i, name in enumerate(names):
+            images = block == i
+            mine = pixel_block == i
+            self.stats[name] = {
+                "pos": hist[i, :, 1],
+                "neg": hist[i, :, 0],
+                "values": values[mine],
+                # Regions numbered 0 … R − 1 within the block.
+                "regions": np.unique(regions[mine], return_inverse=True)[1].ravel(),
+                "range": (float(low[images].min()), float(high[images].max())),
+            }
+
+    def level(self, values: np.ndarray) -> np.ndarray:
+        """The level of each value (clipped to the quantised range)."""
+        values = np.asarray(values)
+        scaled = values - values.dtype.type(self.lo)  # in the maps' own precision: monotone, and fast
+        scaled *= values.dtype.type(self.scale)
+        np.clip(scaled, 0, LEVELS - 1, out=scaled)
+        return scaled
+
+    def metrics(self, blocks: Sequence) -> dict[str, float]:
+        """pixel_auroc, aupro and pixel_f1_max of the images of `blocks` together (NaN if undefined)."""
+        pos = sum(self.stats[b]["pos"] for b in blocks)
+        neg = sum(self.stats[b]["neg"] for b in blocks)
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        if n_pos == 0 or n_neg == 0:
+            return {"pixel_auroc": NAN, "aupro": NAN, "pixel_f1_max": NAN if n_pos == 0 else 1.0}
+        pos, neg = pos.astype(np.float64), neg.astype(np.float64)
+        below = np.cumsum(neg) - neg
+        auroc = float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+        # Predicting "level ≥ l" for every level l at once: counts from the top.
+        tp, fp = np.cumsum(pos[::-1])[::-1], np.cumsum(neg[::-1])[::-1]
+        f1 = float((2 * tp / (tp + fp + n_pos)).max())
+        return {"pixel_auroc": auroc, "aupro": self._aupro(neg, n_neg, blocks), "pixel_f1_max": f1}
+
+    def _aupro(self, neg: np.ndarray, n_neg: int, blocks: Sequence, fpr_limit: float = 0.3) -> float:
+        """As `aupro`, with the same thresholds (evenly spaced over the group's values). Each region's
+        share above a threshold is exact; the normal pixels above it are counted from the histogram,
+        those in the threshold's own level taken as spread evenly over it."""
+        low = min(self.stats[b]["range"][0] for b in blocks)
+        high = max(self.stats[b]["range"][1] for b in blocks)
+        ascending = np.linspace(low, high, self.num_thresholds)
+        position = np.clip((ascending - self.lo) * self.scale, 0, LEVELS - 1)
+        lvl = position.astype(np.intp)
+        above = np.concatenate([np.cumsum(neg[::-1])[::-1], [0.0]])  # normal pixels at level ≥ l
+        normal_above = above[lvl + 1] + (1 - (position - lvl)) * neg[lvl]
+        fpr = np.concatenate([[0.0], normal_above[::-1] / n_neg])
+        # As in `pro_curve`: a (region, k) histogram, k = how many thresholds a pixel reaches.
+        t = len(ascending)
+        per_region = []
+        for p in (self.stats[b] for b in blocks if len(self.stats[b]["values"])):
+            k = np.searchsorted(ascending, p["values"], side="right")
+            n = int(p["regions"].max()) + 1
+            hist = np.bincount(p["regions"] * (t + 1) + k, minlength=n * (t + 1)).reshape(n, t + 1)
+            per_region.append(np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:] / hist.sum(1, keepdims=True))
+        pro = np.concatenate([[0.0], np.concatenate(per_region).mean(0)[::-1]])
+        return _area_to(fpr, pro, fpr_limit)
+
+
+def _regions(masks: np.ndarray) -> np.ndarray:
+    """Connected regions (8-connectivity) of (N, H, W) masks, numbered 1 … R over all images (0:
+    background), with one labelling call: the images are stacked with a blank row between them."""
+    n, h, w = masks.shape
+    canvas = np.zeros((n, h + 1, w), dtype=bool)
+    canvas[:, :h] = masks
+    return label_components(canvas.reshape(n * (h + 1), w), connectivity=2).reshape(n, h + 1, w)[:, :h]
+
+
+def _area_to(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """Normalised trapezoid area under a non-decreasing curve from FPR 0 to `fpr_limit`, with one
+    point interpolated exactly at the limit."""
+    n = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    x, y = fpr[:n], pro[:n]
+    if n < fpr.size:
+        x0, x1, y0, y1 = fpr[n - 1], fpr[n], pro[n - 1], pro[n]
+        y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+        x, y = np.append(x, fpr_limit), np.append(y, y_limit)
+    return float(auc(x, y) / fpr_limit)
 
 
 def summarize(
@@ -389,7 +467,9 @@ def summarize(
     ``n_images`` and ``n_anomalous``. A defect type's group is its anomalous images together
     with all normal (label 0) images, so that AUROC and accuracy are defined; normal images get
     no group of their own. Undefined metrics are ``None``, and all pixel metrics are ``None``
-    when ``masks`` (or ``maps``) is None.
+    when ``masks`` (or ``maps``) is None. Pixel AUROC, AUPRO and F1-max are those of the maps
+    quantised to `LEVELS` levels (see `PixelLevels`: one pass over the pixels, no sorting, so a
+    test set of 200 images of 256 px takes well under a second per map).
 
     Args:
         maps: Anomaly maps ``(N, H, W)``, or None.
@@ -411,22 +491,49 @@ def summarize(
     if types.size != labels.size:
         raise ValueError(f"defect_types has {types.size} entries but there are {labels.size} images")
     has_pixels = maps is not None and masks is not None
+    valid = np.ones(labels.size, dtype=bool) if pixel_valid is None else np.asarray(pixel_valid, dtype=bool)
     if has_pixels:
         maps, masks = _maps_and_masks(maps, masks)
         if maps.shape[0] != labels.size:
             raise ValueError(f"{maps.shape[0]} maps but {labels.size} image labels")
-
-    valid = np.ones(labels.size, dtype=bool) if pixel_valid is None else np.asarray(pixel_valid, dtype=bool)
+        # Every group is all normal images plus one defect type's (or all): blocks of images whose
+        # histograms are computed once and summed per group.
+        blocks = (
+            np.where(labels, types, "") if valid.all() else np.where(valid, np.where(labels, types, ""), None)
+        )
+        levels = PixelLevels(maps[valid], masks[valid], blocks[valid])
+        pred = maps >= map_threshold
+        inter = np.logical_and(pred, masks).sum(axis=(1, 2))
+        union = np.logical_or(pred, masks).sum(axis=(1, 2))
+        # union == 0 means both empty: a correct "nothing here", hence IoU 1 (see `pixel_iou`).
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        defective = masks.any(axis=(1, 2))
 
     def group(select: np.ndarray) -> dict[str, float | int | None]:
-        return _group_metrics(
-            maps[select & valid] if has_pixels else None,
-            masks[select & valid] if has_pixels else None,
-            scores[select],
-            labels[select],
-            map_threshold,
-            image_threshold,
+        s, lab = scores[select], labels[select]
+        accuracy = (
+            paper_detection_accuracy(s, lab)
+            if image_threshold is None
+            else detection_accuracy(s, lab, image_threshold)
         )
+        out: dict[str, float | int | None] = {
+            "pixel_iou": None,
+            "pixel_iou_all": None,
+            "pixel_auroc": None,
+            "aupro": None,
+            "pixel_f1_max": None,
+            "image_auroc": _clean(image_auroc(s, lab)),
+            "detection_accuracy": _clean(accuracy),
+            "n_images": int(lab.size),
+            "n_anomalous": int(lab.sum()),
+        }
+        if has_pixels:
+            pix = select & valid
+            out.update({k: _clean(v) for k, v in levels.metrics(sorted(set(blocks[pix].tolist()))).items()})
+            found = iou[pix & defective]
+            out["pixel_iou"] = _clean(found.mean()) if found.size else None
+            out["pixel_iou_all"] = _clean(iou[pix].mean()) if pix.any() else None
+        return out
 
     everything = np.ones(labels.size, dtype=bool)
     per_type = {
