@@ -146,14 +146,14 @@ def test_an_unexpected_error_on_one_image_becomes_its_row(corpus, tmp_path, monk
     error; the images after it are still scored."""
     from cavga.api import Predictor
 
-    real = Predictor.predict
+    real = Predictor.predict_tensors
 
-    def faulty(self, image, name=None):
-        if "001" in str(name):
+    def faulty(self, x, pils):
+        if any("001" in name for _, name in pils):
             raise RuntimeError("boom")
-        return real(self, image, name)
+        return real(self, x, pils)
 
-    monkeypatch.setattr(Predictor, "predict", faulty)
+    monkeypatch.setattr(Predictor, "predict_tensors", faulty)
     out = tmp_path / "preds"
     good = [str(corpus["cat"] / "test" / "good" / f"00{i}.png") for i in range(3)]
     assert main(["predict", str(corpus["run"]), *good, "--out", str(out)]) == 1

@@ -250,9 +250,11 @@ def test_self_supervised_training_sees_synthetic_anomalies_with_their_masks(
     seen: list[tuple] = []
     real_step = train_mod.train_step
 
-    def spy(model, x, labels, cfg, opt_g, opt_d, adversarial, target=None, masks=None):
+    def spy(model, x, labels, cfg, opt_g, opt_d, adversarial, target=None, masks=None, **kwargs):
         seen.append((x.clone(), labels.clone(), target.clone(), masks.clone()))
-        return real_step(model, x, labels, cfg, opt_g, opt_d, adversarial, target=target, masks=masks)
+        return real_step(
+            model, x, labels, cfg, opt_g, opt_d, adversarial, target=target, masks=masks, **kwargs
+        )
 
     monkeypatch.setattr(train_mod, "train_step", spy)
     assert main(train_args(data, tmp_path / "a", "cavga-rs", 4)) == 0

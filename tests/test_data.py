@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cavga.data import (
-    ImageFolderDataset,
+    ImageDataset,
     Sample,
     category_dir,
     has_masks,
@@ -20,7 +20,8 @@ from cavga.data import (
     list_split,
     load_image,
     load_mask,
-    load_usable,
+    loader,
+    scan,
     validate_images,
 )
 from cavga.errors import DataError
@@ -133,9 +134,9 @@ def test_ground_truth_optional(tmp_path: Path) -> None:
     test = list_split(cat, "test")
     assert all(s.mask_path is None for s in test)
     assert not has_masks(test)
-    item = ImageFolderDataset(test, 8, 1)[0]
-    assert item["has_mask"] is False and item["label"] == 1
-    assert torch.equal(item["mask"], torch.zeros(1, 8, 8))
+    item = ImageDataset(test, 8, 1, masks=True)[0]
+    assert item.error is None and test[item.index].label == 1
+    assert torch.equal(item.mask, torch.zeros(8, 8))
 
 
 # --------------------------------------------------------------------------- categories
@@ -268,14 +269,15 @@ def test_undecodable_image(tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:
         load_image(bad, 8, 1)
     assert str(bad) in _message(exc)
-    with pytest.raises(DataError) as exc:
-        ImageFolderDataset(samples, 8, 1)[1]
-    assert str(bad) in _message(exc)
-    # Channel inference looks past it (the loaders report it), and so does load_usable.
+    # The dataset returns the reason instead of raising, so a worker process never dies of it.
+    item = ImageDataset(samples, 8, 1)[1]
+    assert item.image is None and str(bad) in item.error and "cannot be decoded" in item.error
+    # Channel inference looks past it (the loaders report it), and so does the scan.
     assert infer_channels(samples) == 1
-    kept, images, _, skipped = load_usable(samples, 8, 1)
-    assert bad not in [s.path for s in kept] and len(images) == len(samples) - 1
-    assert skipped == [{"file": str(bad), "error": skipped[0]["error"]}] and str(bad) in skipped[0]["error"]
+    source, skipped = scan(samples, 8, 1)
+    assert bad not in [s.path for s in source.samples] and len(source) == len(samples) - 1
+    assert skipped == [{"file": str(bad), "error": item.error}]
+    assert sum(len(x) for x in source.batches(2)) == len(samples) - 1
 
 
 def test_grey_content_in_colour_files_counts_as_grey() -> None:
@@ -383,16 +385,18 @@ def test_infer_channels(tmp_path: Path) -> None:
 def test_dataset_getitem(tmp_path: Path) -> None:
     cat = _category(tmp_path)
     test = list_split(cat, "test")
-    ds = ImageFolderDataset(test, 8, 3)
+    ds = ImageDataset(test, 8, 3, masks=True)
     assert len(ds) == 5
     item = ds[0]
-    assert set(item) == {"image", "mask", "label", "has_mask", "index"}
-    assert item["image"].shape == (3, 8, 8) and item["mask"].shape == (1, 8, 8)
-    assert item["label"] == 1 and item["has_mask"] is True and item["index"] == 0
-    assert float(item["mask"].sum()) > 0
+    assert item.index == 0 and item.error is None
+    assert item.image.shape == (3, 8, 8) and item.image.dtype == torch.uint8 and item.mask.shape == (8, 8)
+    assert float(item.mask.sum()) > 0
     good = ds[2]
-    assert good["label"] == 0 and good["has_mask"] is False and float(good["mask"].sum()) == 0
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
-    assert batch["image"].shape == (5, 3, 8, 8)
-    assert batch["label"].tolist() == [1, 1, 0, 0, 1]
+    assert test[2].label == 0 and float(good.mask.sum()) == 0
+    for workers in (0, 2):  # the same batches, in order, from worker processes
+        batches = list(loader(ds, 2, workers))
+        assert [b.index for b in batches] == [[0, 1], [2, 3], [4]]
+        x = torch.cat([b.stack() for b in batches])
+        assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32
+        assert torch.equal(x, torch.stack([load_image(s.path, 8, 3) for s in test]))
     validate_images(test)

@@ -96,6 +96,11 @@ class PredictorBase:
         if names is not None:
             pils = [(im, name) for (im, _), name in zip(pils, names, strict=True)]
         x = torch.stack([self._tensor(im, name) for im, name in pils])
+        return self.predict_tensors(x, pils)
+
+    def predict_tensors(self, x: torch.Tensor, pils: list[tuple[Image.Image, str]]) -> list[Prediction]:
+        """Predictions for images already resized to the model's input, `x` (N, C, h, w) in [0, 1], each
+        with its decoded image (whose size the map takes) and name, in batches of `batch_size`."""
         parts = [self._infer(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         results = []

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from cavga import __version__
-from cavga.config import DEFAULT_STEPS
+from cavga.config import DEFAULT_STEPS, PRECISIONS
 from cavga.errors import CavgaError
 
 DEMO_STEPS = 60
@@ -46,6 +46,7 @@ def _train_args(args: argparse.Namespace) -> dict:
         "weak_fraction": args.weak_fraction,
         "image_score": args.image_score,
         "feature_input": args.feature_input,
+        "precision": args.precision,
     }
 
 
@@ -65,6 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         steps=args.steps,
         progress=not args.quiet,
+        workers=args.workers,
+        cache=args.cache,
     )
     print(f"run saved to {run}; evaluate with: cavga test {run}")
     return 0
@@ -85,6 +88,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
         all_maps=args.all_maps,
+        workers=args.workers,
+        cache=args.cache,
     )
     print(format_table(result))
     print(
@@ -101,7 +106,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = load_run(args.run, args.device, args.anomaly_map)
     run = Path(args.run)
     out = args.out or str((run.parent if run.suffix.lower() == ".onnx" else run) / "predictions")
-    csv_path, failed = predict_files(predictor, args.inputs, out)
+    csv_path, failed = predict_files(
+        predictor, args.inputs, out, args.batch_size, args.workers, args.resume, args.cache
+    )
     print(
         f"predictions written to {csv_path}" + (f" ({failed} image(s) could not be read)" if failed else "")
     )
@@ -134,6 +141,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = {"device": args.device, "max_upload_mb": args.max_upload_mb, "max_batch": args.max_batch}
     serve(args.run, args.host, args.port, args.workers, **options)
     return 0
+
+
+def _add_loading(p: argparse.ArgumentParser) -> None:
+    """How images are read: decoding processes and an optional cache of resized images."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that decode and resize images while the model works (default: one core "
+        "fewer than this machine has, at most 4; 0 decodes in the main process)",
+    )
+    p.add_argument(
+        "--cache",
+        help="folder that keeps the resized images (keyed by file, size and modification time), "
+        "so a second run over the same images does not decode them again",
+    )
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict:
@@ -354,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
         "first (measured better on ELPV solar cells; see docs/method.md)",
     )
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
+    t.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="training arithmetic: fp32 (default), or on a GPU bf16 / fp16 autocast (fp16 with a "
+        "gradient scaler)",
+    )
     t.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
     t.add_argument("--out", help="run folder (default runs/<model>-<category>)")
     t.add_argument(
@@ -363,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(so a preempted job can rerun the same command line)",
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_loading(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
@@ -381,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--all-maps", action="store_true", help="also the Grad-CAM variants (a backward pass each; slower)"
     )
     e.add_argument("--device", default="auto")
+    _add_loading(e)
     e.set_defaults(func=cmd_test)
 
     r = sub.add_parser(
@@ -402,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the run's attention / anomaly map (see `cavga models`)",
     )
     r.add_argument("--device", default="auto")
+    r.add_argument("--batch-size", type=int, default=None, help="images scored at once (default: the run's)")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the images an earlier (stopped) prediction into --out finished; score the rest",
+    )
+    _add_loading(r)
     r.set_defaults(func=cmd_predict)
 
     x = sub.add_parser(

@@ -12,6 +12,7 @@ from cavga.errors import CavgaError
 # calibrates on about 700 images at 128 px within 30 minutes on the slower 2-core CI machine (see
 # docs/method.md, "Real data").
 DEFAULT_STEPS = 300
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -71,6 +72,8 @@ class TrainConfig:
     anomalous_dir: str | None = None
     checkpoint_every: int = 100
     device: str = "auto"
+    # Training arithmetic: "fp32", or on a GPU "bf16" / "fp16" autocast (fp16 with a gradient scaler)
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON and checkpoints."""
@@ -88,6 +91,8 @@ class TrainConfig:
             raise CavgaError(f"image_score must be 'peak' or 'fused', not {d['image_score']!r}")
         if d.get("feature_input", "raw") not in ("raw", "standardised"):
             raise CavgaError(f"feature_input must be 'raw' or 'standardised', not {d['feature_input']!r}")
+        if d.get("precision", "fp32") not in PRECISIONS:
+            raise CavgaError(f"precision must be one of {', '.join(PRECISIONS)}, not {d['precision']!r}")
         for key in ("betas", "stats_layers", "memory_layers"):
             if key in d and d[key] is not None:
                 d[key] = tuple(d[key])

@@ -3,10 +3,10 @@
 from cavga.data.demo import DEFECT_TYPES, DEMO_CATEGORIES, make_demo_data
 from cavga.data.folder import (
     IMAGE_EXTENSIONS,
-    ImageFolderDataset,
     Sample,
     category_dir,
     has_masks,
+    image_array,
     image_to_tensor,
     infer_channels,
     is_grey,
@@ -14,10 +14,11 @@ from cavga.data.folder import (
     list_split,
     load_image,
     load_mask,
-    load_usable,
     open_image,
+    to_float,
     validate_images,
 )
+from cavga.data.stream import ImageDataset, ImageSource, default_workers, loader, scan
 from cavga.data.synthetic import KINDS, perlin_masks, perlin_noise, synthesize
 from cavga.data.weak import anomalous_folder, weak_split
 
@@ -26,11 +27,14 @@ __all__ = [
     "DEMO_CATEGORIES",
     "IMAGE_EXTENSIONS",
     "KINDS",
-    "ImageFolderDataset",
+    "ImageDataset",
+    "ImageSource",
     "Sample",
     "anomalous_folder",
     "category_dir",
+    "default_workers",
     "has_masks",
+    "image_array",
     "image_to_tensor",
     "infer_channels",
     "is_grey",
@@ -38,12 +42,14 @@ __all__ = [
     "list_split",
     "load_image",
     "load_mask",
-    "load_usable",
+    "loader",
     "make_demo_data",
     "open_image",
     "perlin_masks",
     "perlin_noise",
+    "scan",
     "synthesize",
+    "to_float",
     "validate_images",
     "weak_split",
 ]

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
 
-from cavga.errors import DataError, warn
+from cavga.errors import DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_TYPE = "good"
@@ -321,20 +320,30 @@ def _resize_float(arr: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
 
 
-def image_to_tensor(im: Image.Image, image_size: int, channels: int) -> torch.Tensor:
-    """(channels, size, size) float32 tensor in [0, 1] from a decoded PIL image."""
+def image_array(im: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """(channels, size, size) array of a decoded PIL image: uint8 (0–255) for 8-bit images, which
+    is what they hold, so a stack of them takes a quarter of the memory; float32 in [0, 1] for
+    high bit-depth ones, whose extra precision would be lost in 8 bits. See `to_float`."""
     if im.mode in _HIGH_DEPTH_MODES:
         # convert("L") would clip 16-bit values instead of scaling them, so scale by hand.
         arr = np.asarray(im, dtype=np.float32)
         arr = np.clip(arr, 0.0, 1.0) if im.mode == "F" else np.clip(arr / 65535.0, 0.0, 1.0)
         grey = np.clip(_resize_float(arr, image_size), 0.0, 1.0)
-        out = np.repeat(grey[None], channels, axis=0)
-    else:
-        im = im.convert("L" if channels == 1 else "RGB")
-        im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-        out = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        return np.ascontiguousarray(np.repeat(grey[None], channels, axis=0), dtype=np.float32)
+    im = im.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(im.resize((image_size, image_size), Image.Resampling.BILINEAR))
+    # Pillow's arrays are read-only; torch wants to own a writable copy.
+    return np.require(arr[None] if channels == 1 else arr.transpose(2, 0, 1), requirements=["C", "W"])
+
+
+def to_float(t: torch.Tensor) -> torch.Tensor:
+    """Images from `image_array` (uint8 0–255 or float in [0, 1]) as float32 in [0, 1]."""
+    return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+
+
+def image_to_tensor(im: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    """(channels, size, size) float32 tensor in [0, 1] from a decoded PIL image."""
+    return to_float(torch.from_numpy(image_array(im, image_size, channels)))
 
 
 def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
@@ -455,46 +464,6 @@ def infer_channels(samples: Sequence[Sample]) -> int:
     return 1
 
 
-def load_usable(
-    samples: Sequence[Sample], image_size: int, channels: int, masks: bool = False
-) -> tuple[list[Sample], torch.Tensor, torch.Tensor | None, list[dict[str, str]]]:
-    """Load every image (and with `masks`, its mask), skipping the ones that cannot be used.
-
-    A file that cannot be read or decoded, or a mask that cannot be read or has another size
-    than its image, costs only that image: it is reported on stderr (one line naming the file)
-    and in the returned `skipped` list, and the others are loaded.
-
-    Returns:
-        (kept samples, images (N, C, H, W), masks (N, H, W) or None, skipped [{file, error}]).
-
-    Raises:
-        DataError: If no image at all can be used.
-    """
-    kept: list[Sample] = []
-    images: list[torch.Tensor] = []
-    mask_list: list[torch.Tensor] = []
-    skipped: list[dict[str, str]] = []
-    for s in samples:
-        try:
-            image = load_image(s.path, image_size, channels)
-            if masks:
-                mask_list.append(
-                    load_mask(s.mask_path, s.path, image_size)[0]
-                    if s.mask_path is not None
-                    else torch.zeros(image_size, image_size)
-                )
-        except DataError as e:
-            skipped.append({"file": str(s.path), "error": str(e)})
-            warn(f"skipped {s.path}: {e}")
-            continue
-        kept.append(s)
-        images.append(image)
-    if not kept:
-        where = samples[0].path.parent if samples else "the split"
-        raise DataError(f"{where}: none of the {len(samples)} images can be used (see the lines above)")
-    return kept, torch.stack(images), torch.stack(mask_list) if masks else None, skipped
-
-
 def validate_images(samples: Sequence[Sample]) -> None:
     """Decode every image and mask once, so a bad file fails now rather than mid-training.
 
@@ -512,35 +481,3 @@ def validate_images(samples: Sequence[Sample]) -> None:
                     f"mask {s.mask_path} is {mask.size[0]}x{mask.size[1]} but image {s.path} "
                     f"is {im.size[0]}x{im.size[1]}; a mask must have the same size as its image"
                 )
-
-
-class ImageFolderDataset(Dataset):
-    """Torch dataset over a list of :class:`Sample`.
-
-    Items are dicts with ``image`` (C, H, W), ``mask`` (1, H, W; zeros when there is no
-    mask), ``label`` (int), ``has_mask`` (bool) and ``index`` (int).
-    """
-
-    def __init__(self, samples: Sequence[Sample], image_size: int, channels: int):
-        _check_channels(channels)
-        self.samples = list(samples)
-        self.image_size = image_size
-        self.channels = channels
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        image = load_image(s.path, self.image_size, self.channels)
-        if s.mask_path is not None:
-            mask = load_mask(s.mask_path, s.path, self.image_size)
-        else:
-            mask = torch.zeros(1, self.image_size, self.image_size)
-        return {
-            "image": image,
-            "mask": mask,
-            "label": s.label,
-            "has_mask": s.mask_path is not None,
-            "index": i,
-        }

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-from cavga.data import category_dir, has_masks, infer_channels, list_split, load_usable
+from cavga.data import category_dir, has_masks, infer_channels, list_split
+from cavga.data.stream import ImageDataset, default_workers, loader
 from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_json
 from cavga.errors import DataError, RunError, warn
 from cavga.maps import MAPS, MapMaker, cheap_maps
@@ -67,11 +68,14 @@ def evaluate(
     device: str = "auto",
     force: bool = False,
     all_maps: bool = False,
+    workers: int | None = None,
+    cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run on `<category>/test` (data and category default to the training ones).
 
     Writes `metrics.json` and, with `panels`, one PNG panel per test image to `<run>/panels`. The
-    Grad-CAM variants (a backward pass each) are computed only with `all_maps`.
+    Grad-CAM variants (a backward pass each) are computed only with `all_maps`. Images are decoded in
+    `workers` processes (None: `default_workers()`), optionally through the disk `cache`.
     Top-level metrics are those of the run's `anomaly_map`; `maps` holds every map's metrics and
     `references` the image-independent map (the mean held-out normal map on every image), the
     whole-image nearest-neighbour score alone (image metrics) and the residual alone, so a fixed
@@ -93,8 +97,38 @@ def evaluate(
     check_channels(infer_channels(samples), cfg.channels, str(samples[0].path.parent.parent))
     t0 = time.perf_counter()
     with_masks = has_masks(samples)
-    samples, images, mask_tensor, skipped = load_usable(samples, cfg.image_size, cfg.channels, with_masks)
-    masks = None if mask_tensor is None else mask_tensor.numpy()
+    maker = MapMaker(model, cfg, ckpt["calibration"], dev, maps=None if all_maps else cheap_maps(cfg))
+    chosen = cfg.anomaly_map
+    dataset = ImageDataset(samples, cfg.image_size, cfg.channels, masks=with_masks, cache=cache)
+    parts: dict[str, list[np.ndarray]] = {}
+    kept: list[int] = []
+    mask_parts: list[torch.Tensor] = []
+    skipped: list[dict[str, str]] = []
+    workers = default_workers() if workers is None else workers
+    for batch in loader(dataset, cfg.batch_size, workers):  # decoded ahead by the workers
+        for i, error in batch.failed:
+            skipped.append({"file": str(samples[i].path), "error": error})
+            warn(f"skipped {samples[i].path}: {error}")
+        if not batch.index:
+            continue
+        x = batch.stack()
+        out = {k: v.detach().cpu().numpy() for k, v in maker(x).items()}
+        for k, v in out.items():
+            if k in MAPS or k.startswith("score/") or k in ("global_score", "class_probability"):
+                parts.setdefault(k, []).append(v)  # what the metrics need; not reconstructions
+        kept += batch.index
+        mask_parts += batch.masks
+        if panels:
+            batch_masks = torch.stack(batch.masks).numpy() if with_masks else None
+            write_panels(run / "panels", [samples[i] for i in batch.index], x, out, chosen, batch_masks)
+    if not kept:
+        raise DataError(
+            f"{samples[0].path.parent.parent}: none of the {len(samples)} test images can be used "
+            "(see the lines above)"
+        )
+    samples = [samples[i] for i in kept]
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    masks = torch.stack(mask_parts).numpy() if with_masks else None
     labels = np.array([s.label for s in samples])
     pixel_valid, empty_masks = None, []
     if masks is not None:
@@ -106,8 +140,6 @@ def evaluate(
         empty_masks = [str(samples[i].mask_path) for i in np.flatnonzero(empty)]
         for m in empty_masks:
             warn(f"{m} marks no pixel of its anomalous image; the image counts for image metrics only")
-    maker = MapMaker(model, cfg, ckpt["calibration"], dev, maps=None if all_maps else cheap_maps(cfg))
-    out = run_maps(maker, images, cfg.batch_size)
     seconds = time.perf_counter() - t0
     types = [s.defect_type for s in samples]
 
@@ -115,7 +147,6 @@ def evaluate(
         return summarize(maps, masks, scores, labels, types, map_threshold=0.5, pixel_valid=pixel_valid)
 
     per_map = {name: metrics_of(out[name], out[f"score/{name}"]) for name in MAPS if name in out}
-    chosen = cfg.anomaly_map
     mean_map = ckpt["calibration"]["mean_maps"][chosen].numpy()
     constant = np.broadcast_to(mean_map, out[chosen].shape)
     references = {
@@ -157,8 +188,6 @@ def evaluate(
         result["classifier_detection_accuracy"] = decided["overall"]["detection_accuracy"]
     write_json(run / "metrics.json", result)
     write_details(run, samples, labels, out[chosen], out[f"score/{chosen}"], masks, pixel_valid)
-    if panels:
-        write_panels(run / "panels", samples, images, out, chosen, masks)
     return result
 
 

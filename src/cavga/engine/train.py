@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +22,16 @@ from cavga.data import (
     category_dir,
     infer_channels,
     list_split,
-    load_usable,
     synthesize,
     weak_split,
 )
+from cavga.data.stream import ImageSource, default_workers, scan
+from cavga.engine import distributed
 from cavga.engine.run import (
     CHECKPOINT,
     build_model,
     load_checkpoint,
     load_weights,
-    resolve_device,
     save_checkpoint,
     seed_everything,
     write_json,
@@ -52,21 +54,20 @@ LOSSES = ("loss", "rec", "kl", "adv_g", "adv_d", "ae", "bce", "cga")
 
 @dataclass
 class TrainData:
-    """Training images in memory, and normal images held out for calibration."""
+    """Training images (in memory or decoded on demand, see `cavga.data.stream`), and normal images
+    held out for calibration."""
 
-    train: torch.Tensor  # (N, C, H, W) in [0, 1]: the normal images, then any anomalous ones
+    train: ImageSource  # the normal images, then any anomalous ones
     labels: torch.Tensor  # (N,) 0 normal, 1 anomalous (image labels only, weakly supervised)
-    calib: torch.Tensor  # (M, C, H, W) normal, never trained on; thresholds come from these
-    train_files: list[str]
-    calib_files: list[str]
+    calib: ImageSource  # normal, never trained on; thresholds come from these
     anomalous_files: list[str]  # absolute paths; evaluation leaves them out of the test set
     channels: int
     skipped: list[dict[str, str]]  # files that could not be used: {file, error}
 
     @property
-    def normal(self) -> torch.Tensor:
+    def normal(self) -> ImageSource:
         """The normal training images (normal statistics must not see the anomalous ones)."""
-        return self.train[self.labels == 0]
+        return self.train.subset(torch.nonzero(self.labels == 0).flatten().tolist())
 
 
 def weak_training_files(data_dir: str | Path, category: str | None, cfg: TrainConfig) -> list[Path]:
@@ -78,38 +79,36 @@ def weak_training_files(data_dir: str | Path, category: str | None, cfg: TrainCo
     return [s.path for s in weak_split(tests, cfg.weak_fraction, cfg.seed)]
 
 
-def load_train_data(data_dir: str | Path, category: str | None, cfg: TrainConfig) -> TrainData:
-    """Read `train/good` of a category, resize, and hold out `calib_fraction` of it (seeded); for a
-    weakly supervised model add its anomalous training images with label 1."""
+def load_train_data(
+    data_dir: str | Path,
+    category: str | None,
+    cfg: TrainConfig,
+    workers: int = 0,
+    cache: str | Path | None = None,
+) -> TrainData:
+    """Read `train/good` of a category (decoded once in `workers` processes to find the usable images),
+    and hold out `calib_fraction` of it (seeded); for a weakly supervised model add its anomalous
+    training images with label 1."""
     samples = list_split(category_dir(data_dir, category), "train")
     channels = cfg.channels or infer_channels(samples)
-    samples, images, _, skipped = load_usable(samples, cfg.image_size, channels)
-    if len(samples) < 2:
-        raise DataError(
-            f"{samples[0].path.parent}: at least 2 usable training images are needed, found {len(samples)}"
-        )
-    n_cal = round(cfg.calib_fraction * len(samples)) if len(samples) >= 10 else 0
-    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    source, skipped = scan(samples, cfg.image_size, channels, workers, cache)
+    n = len(source)
+    if n < 2:
+        raise DataError(f"{samples[0].path.parent}: at least 2 usable training images are needed, found {n}")
+    n_cal = round(cfg.calib_fraction * n) if n >= 10 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     cal_idx, train_idx = sorted(perm[:n_cal]), sorted(perm[n_cal:])
     if not cal_idx:  # too few images to spare any: calibrate on the training images themselves
         cal_idx = train_idx
-    names = [str(s.path) for s in samples]
-    train_images, labels, anomalous = images[train_idx], torch.zeros(len(train_idx), dtype=torch.long), []
+    train, labels, anomalous = source.subset(train_idx), torch.zeros(len(train_idx), dtype=torch.long), []
     if MODELS[cfg.model].setting == "weakly-supervised":
         weak = [Sample(p, 1, "anomalous", None) for p in weak_training_files(data_dir, category, cfg)]
-        weak, extra, _, weak_skipped = load_usable(weak, cfg.image_size, channels)
-        anomalous, skipped = [s.path for s in weak], skipped + weak_skipped
-        train_images = torch.cat([train_images, extra])
+        extra, weak_skipped = scan(weak, cfg.image_size, channels, workers, cache)
+        anomalous, skipped = [s.path for s in extra.samples], skipped + weak_skipped
+        train = train + extra
         labels = torch.cat([labels, torch.ones(len(extra), dtype=torch.long)])
     return TrainData(
-        train_images,
-        labels,
-        images[cal_idx],
-        [names[i] for i in train_idx],
-        [names[i] for i in cal_idx],
-        [str(p.resolve()) for p in anomalous],
-        channels,
-        skipped,
+        train, labels, source.subset(cal_idx), [str(p.resolve()) for p in anomalous], channels, skipped
     )
 
 
@@ -140,6 +139,27 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return perm[i * bs : (i + 1) * bs]
 
 
+class StepBatches:
+    """The index lists of this rank's share of the batches of steps `start` … `total` − 1 (see
+    `batch_indices`): a `DataLoader` batch sampler, so workers decode the next batches while the
+    model trains."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int, world: distributed.World):
+        self.n, self.batch_size, self.seed, self.start, self.total = n, batch_size, seed, start, total
+        self.world = world
+        self.global_size = min(batch_size, n)
+
+    def indices(self, step: int) -> list[int]:
+        return self.world.shard(batch_indices(self.n, self.batch_size, step, self.seed).tolist())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.total):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+
 def total_steps(cfg: TrainConfig, n: int) -> int:
     """`steps`, or `epochs` × batches per epoch, or `DEFAULT_STEPS`; none for an anchor."""
     if MODELS[cfg.model].setting == "training-free":
@@ -159,8 +179,13 @@ def train(
     resume: bool = False,
     steps: int | None = None,
     progress: bool = True,
+    workers: int | None = None,
+    cache: str | Path | None = None,
 ) -> Path:
     """Train (or resume) a run in `out_dir` and calibrate it; returns the run folder.
+
+    Images are decoded in `workers` processes (None: `default_workers()`), and with `cache` kept
+    resized in that folder for the next run (see `cavga.data.stream`).
 
     With `resume`, a run that has a checkpoint continues from it (its config and data come from
     the checkpoint; `steps` may extend it) and a finished one is left as it is; where no
@@ -189,15 +214,20 @@ def train(
         )
     if cfg.model not in MODELS:
         raise RunError(f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
-    device = resolve_device(cfg.device)
+    world, device = distributed.setup(cfg.device)
+    distributed.check_batch(cfg.batch_size, world)
+    check_precision(cfg.precision, device)
     seed_everything(cfg.seed)
-    data = load_train_data(data_dir, category, cfg)
+    workers = default_workers() if workers is None else workers
+    data = load_train_data(data_dir, category, cfg, workers, cache)
     if ckpt is not None and data.channels != ckpt["config"]["channels"]:
         raise RunError(
             f"{data_dir} has {data.channels}-channel images, the run was trained on {cfg.channels}"
         )
     cfg.channels = data.channels
     model = build_model(cfg, cfg.weights if ckpt is None else None).to(device)
+    if world.size > 1:
+        distributed.sync_batchnorm(model)
     if cfg.anomaly_map not in available_maps(model):
         raise RunError(f"model {cfg.model} cannot make the {cfg.anomaly_map!r} map")
     params = model.generator_parameters()
@@ -223,28 +253,32 @@ def train(
     if ckpt is not None and ckpt.get("calibration") is not None and step >= total:
         return run  # already finished: rerunning the same command line is harmless
     adv_from = int(cfg.adv_start * total)
-    run.mkdir(parents=True, exist_ok=True)
+    generator, discriminator = distributed.wrap(model, world, device)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    if world.main:
+        run.mkdir(parents=True, exist_ok=True)
     spec = MODELS[cfg.model]
     meta = {
         "root": str(Path(data_dir).resolve()),
         "category": category,
         "category_name": category_dir(data_dir, category).resolve().name,
-        "train_files": data.train_files,
-        "calib_files": data.calib_files,
+        "train_files": [str(s.path) for s in data.normal.samples],
+        "calib_files": [str(s.path) for s in data.calib.samples],
         "anomalous_files": data.anomalous_files,
         "anomalous_source": (cfg.anomalous_dir or "test split") if data.anomalous_files else None,
         "skipped_files": data.skipped,
     }
-    write_json(
-        run / "config.json",
-        {
-            "model": cfg.model,
-            "setting": spec.setting,
-            "description": spec.description,
-            "config": cfg.to_dict(),
-            "data": meta,
-        },
-    )
+    if world.main:
+        write_json(
+            run / "config.json",
+            {
+                "model": cfg.model,
+                "setting": spec.setting,
+                "description": spec.description,
+                "config": cfg.to_dict(),
+                "data": meta,
+            },
+        )
 
     def state(calibration: dict | None = None) -> dict:
         return {
@@ -260,29 +294,55 @@ def train(
             "calibration": calibration,
         }
 
-    log_path = run / "log.csv"
-    if step == 0 or not log_path.exists():
+    def save(calibration: dict | None = None) -> None:
+        if world.main:  # one writer; the other ranks hold the same weights
+            save_checkpoint(run / CHECKPOINT, state(calibration))
+
+    log_path = run / "log.csv" if world.main else Path(os.devnull)
+    if world.main and (step == 0 or not log_path.exists()):
         log_path.write_text(",".join(["step", *LOSSES, "seconds"]) + "\n")
-    else:
+    elif world.main:
         keep_log_until(log_path, step)  # rows written after the checkpoint will be written again
     last_saved = f"{run / CHECKPOINT} (step {step})" if ckpt is not None else "none (no checkpoint yet)"
     with log_path.open("a", newline="") as log_file:
         log = csv.writer(log_file)
-        bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {cfg.model}", unit="step")
+        bar = tqdm(
+            total=total,
+            initial=step,
+            disable=not progress or not world.main,
+            desc=f"train {cfg.model}" + (f" ×{world.size}" if world.size > 1 else ""),
+            unit="step",
+        )
         t0, first_step = time.perf_counter(), step
         model.train()
         try:
+            # Decoded ahead by the workers (when the images are not in memory) in the order of the steps.
+            batches = StepBatches(len(data.train), cfg.batch_size, cfg.seed, step, total, world)
+            stream = data.train.take(batches)
             while step < total:
-                idx = batch_indices(len(data.train), cfg.batch_size, step, cfg.seed)
-                x, y = data.train[idx].to(device), data.labels[idx].to(device)
+                idx = batches.indices(step)
+                x, y = next(stream).to(device), data.labels[idx].to(device)
                 x_in, masks = x, None
                 if cfg.synthetic > 0:
                     # Seeded by step, so a resumed run makes exactly the anomalies an uninterrupted one would.
-                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                    # Each rank draws its own (world.rank 0 alone draws what a single process does).
+                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_919 * world.rank)
                     x_in, masks = synthesize(x, gen, cfg.synthetic)
                     y = (masks.flatten(1).amax(1) > 0).long()
                 losses = train_step(
-                    model, x_in, y, cfg, opt_g, opt_d, adversarial=step >= adv_from, target=x, masks=masks
+                    model,
+                    x_in,
+                    y,
+                    cfg,
+                    opt_g,
+                    opt_d,
+                    adversarial=step >= adv_from,
+                    target=x,
+                    masks=masks,
+                    parts=(generator, discriminator),
+                    noise=step_noise(cfg.seed, step, batches.global_size, world),
+                    scaler=scaler,
+                    sum_scale=world.size if cfg.reduction == "sum" else 1,
                 )
                 step += 1
                 bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
@@ -304,19 +364,23 @@ def train(
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss" and v})
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    save_checkpoint(run / CHECKPOINT, state())
+                    save()
                     last_saved = f"{run / CHECKPOINT} (step {step})"
         except KeyboardInterrupt:
-            save_checkpoint(run / CHECKPOINT, state())
+            save()
             bar.close()
             raise RunError(
                 f"interrupted at step {step}/{total}; saved {run / CHECKPOINT}, continue with --resume"
             ) from None
         bar.close()
     train_seconds = time.perf_counter() - t0
+    if not world.main:
+        world.barrier()  # rank 0 calibrates and writes the run
+        return run
     t1 = time.perf_counter()
+    model.eval()
     calibration = calibrate(model, cfg, data.normal, data.calib, device, cheap_maps(cfg))
-    images = (step - first_step) * min(cfg.batch_size, len(data.train))
+    images = (step - first_step) * batches.global_size
     write_json(
         run / "train_summary.json",
         {
@@ -326,15 +390,38 @@ def train(
             "images_per_second": round(images / train_seconds, 2) if train_seconds > 0 and images else None,
             "calibration_seconds": round(time.perf_counter() - t1, 2),
             "device": str(device),
+            "world_size": world.size,
+            "precision": cfg.precision,
             "image_size": cfg.image_size,
-            "batch_size": min(cfg.batch_size, len(data.train)),
+            "batch_size": batches.global_size,
             "n_train": len(data.train),
             "n_anomalous_train": len(data.anomalous_files),
             "n_calib": len(data.calib),
         },
     )
-    save_checkpoint(run / CHECKPOINT, state(calibration))
+    save(calibration)
+    world.barrier()
     return run
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Mixed precision is for GPUs: on a CPU, bf16 autocast is slower than fp32 on most chips and
+    fp16 has no CPU kernels for several layers."""
+    if precision != "fp32" and device.type != "cuda":
+        raise RunError(f"--precision {precision} needs a GPU (--device cuda); on a CPU train in fp32")
+
+
+def step_noise(seed: int, step: int, global_size: int, world: distributed.World):
+    """ε for the sampled z of one step: drawn for the whole global batch from a generator seeded by
+    the step, this rank's rows taken, so any number of processes samples what one process does (and a
+    resumed run what an uninterrupted one does)."""
+
+    def noise(shape: torch.Size) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed * 1_000_033 + step)
+        eps = torch.randn((global_size, *shape[1:]), generator=gen)
+        return eps[world.rank :: world.size]
+
+    return noise
 
 
 def train_step(
@@ -347,43 +434,73 @@ def train_step(
     adversarial: bool,
     target: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
+    parts: tuple | None = None,
+    noise=None,
+    scaler: torch.amp.GradScaler | None = None,
+    sum_scale: int = 1,
 ) -> dict[str, float]:
     """One discriminator step (when the model has one and the game is on), then one step of the rest.
 
     `x` is the input; `target` what the decoder must give back (the clean image when `x` carries
     synthetic anomalies, whose pixel `masks` then guide the class attention). Every term whose
     weight is 0, or whose part the model lacks, is skipped and logged as 0.
+
+    Several processes: `parts` are the DDP-wrapped generator and discriminator (see
+    `cavga.engine.distributed.wrap`), `noise` draws this rank's share of the global batch's ε, and
+    `sum_scale` (the number of processes) undoes DDP's averaging for terms summed over the batch.
+    `scaler` scales the losses of fp16 training; autocast follows `cfg.precision`.
     """
     target = x if target is None else target
-    out = model(x)  # z sampled
+    generator, discriminator = parts if parts is not None else (model, model.discriminator)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    autocast = torch.autocast(x.device.type, dtype=half, enabled=half is not None)
+
+    def backward(loss: torch.Tensor) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def step(opt: torch.optim.Optimizer) -> None:
+        scaler.step(opt) if scaler is not None else opt.step()
+
+    with autocast:
+        out = generator(x, noise=noise)  # z sampled
     zero = torch.zeros((), device=x.device)
     terms = dict.fromkeys(LOSSES[1:], zero)
     if adversarial and opt_d is not None and cfg.w_adv > 0:
-        # Dis sees x̂ detached: its step must not move the encoder or decoder.
-        terms["adv_d"] = discriminator_loss(
-            model.discriminator(target), model.discriminator(out.recon.detach()), cfg.real_label
-        )
-        opt_d.zero_grad(set_to_none=True)
-        terms["adv_d"].backward()
-        opt_d.step()
-        terms["adv_g"] = generator_adversarial_loss(model.discriminator(out.recon))
-    terms["rec"] = reconstruction_loss(out.logits, target, cfg.reduction, cfg.rec_loss)
-    if out.logvar is not None and cfg.w_kl > 0:
-        terms["kl"] = kl_divergence(out.mu, out.logvar, cfg.reduction)
-    if cfg.w_ae > 0:
-        terms["ae"] = attention_expansion_loss(latent_attention(out))
-    if out.class_logits is not None:
-        terms["bce"] = classifier_loss(out.class_logits, labels)
-        if cfg.w_cga > 0 and masks is not None:
-            terms["cga"] = mask_guided_attention_loss(*class_attention(out), out.class_logits, labels, masks)
-        elif cfg.w_cga > 0:
-            terms["cga"] = complementary_guided_attention_loss(
-                *class_attention(out), out.class_logits, labels
+        with autocast:
+            # Dis sees x̂ detached: its step must not move the encoder or decoder.
+            terms["adv_d"] = discriminator_loss(
+                discriminator(target), discriminator(out.recon.detach()), cfg.real_label
             )
+        opt_d.zero_grad(set_to_none=True)
+        backward(terms["adv_d"])
+        step(opt_d)
+        with autocast:
+            # The module itself, not its DDP wrapper: these gradients are the generator's business.
+            terms["adv_g"] = generator_adversarial_loss(model.discriminator(out.recon))
+    with autocast:
+        terms["rec"] = reconstruction_loss(out.logits.float(), target, cfg.reduction, cfg.rec_loss)
+        if out.logvar is not None and cfg.w_kl > 0:
+            terms["kl"] = kl_divergence(out.mu.float(), out.logvar.float(), cfg.reduction)
+        if cfg.w_ae > 0:
+            terms["ae"] = attention_expansion_loss(latent_attention(out))
+        if out.class_logits is not None:
+            terms["bce"] = classifier_loss(out.class_logits, labels)
+            if cfg.w_cga > 0 and masks is not None:
+                terms["cga"] = mask_guided_attention_loss(
+                    *class_attention(out), out.class_logits, labels, masks
+                )
+            elif cfg.w_cga > 0:
+                terms["cga"] = complementary_guided_attention_loss(
+                    *class_attention(out), out.class_logits, labels
+                )
     weights = {"rec": cfg.w_rec, "kl": cfg.w_kl, "adv_g": cfg.w_adv, "ae": cfg.w_ae, "bce": cfg.w_bce}
     loss = sum(w * terms[k] for k, w in weights.items()) + cfg.w_cga * terms["cga"]
+    # Terms summed over the batch (cfg.reduction "sum") are summed over the global batch, as by one process.
+    scaled = loss + (sum_scale - 1) * (cfg.w_rec * terms["rec"] + cfg.w_kl * terms["kl"])
     opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_g.step()
+    backward(scaled)
+    step(opt_g)
+    if scaler is not None:
+        scaler.update()
     # The generator's backward also left gradients in Dis; its own step clears them first.
     return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}

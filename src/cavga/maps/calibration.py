@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from cavga.config import TrainConfig
-from cavga.maps.common import batches, quantile
+from cavga.maps.common import Images, batches, quantile
 from cavga.maps.memory import ImageMemory, global_score
 from cavga.maps.registry import MAPS, MapContext, available_maps
 from cavga.networks import CAVGA, MODELS, ModelOutput
@@ -166,7 +166,7 @@ def _set_scales(cal: dict, joined: dict[str, torch.Tensor], names: list[str] | t
 
 @torch.no_grad()
 def fit_normal_states(
-    model: CAVGA, cfg: TrainConfig, images: torch.Tensor, device: torch.device, maps: tuple[str, ...]
+    model: CAVGA, cfg: TrainConfig, images: Images, device: torch.device, maps: tuple[str, ...]
 ) -> dict:
     """One pass over the normal training images feeding every fitter the maps need and the
     whole-image memory (for the fused score); returns the fitted state per name."""
@@ -185,8 +185,8 @@ def fit_normal_states(
 def calibrate(
     model: CAVGA,
     cfg: TrainConfig,
-    train_images: torch.Tensor,
-    calib_images: torch.Tensor,
+    train_images: Images,
+    calib_images: Images,
     device: torch.device,
     maps: tuple[str, ...] | None = None,
 ) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,23 @@ from cavga.config import TrainConfig
 from cavga.networks import ModelOutput
 
 
-def batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive slices of at most `batch_size` images."""
+class ImageBatches(Protocol):
+    """Images decoded as they are needed (`cavga.data.stream.ImageSource`)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]: ...
+
+
+Images = torch.Tensor | ImageBatches  # (N, C, H, W) in [0, 1], or batches of them
+
+
+def batches(images: Images, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive batches of at most `batch_size` images: slices of a tensor, or the float batches of
+    an `ImageSource` (images decoded as they are needed)."""
+    if not isinstance(images, torch.Tensor):
+        yield from images.batches(batch_size)
+        return
     for i in range(0, len(images), batch_size):
         yield images[i : i + batch_size]
 

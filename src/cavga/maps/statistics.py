@@ -9,7 +9,7 @@ import torch
 
 from cavga.attention import upsample
 from cavga.config import TrainConfig
-from cavga.maps.common import available_layers, batches, blur, layer
+from cavga.maps.common import Images, available_layers, batches, blur, layer
 from cavga.maps.registry import Fitter, MapContext, MapSpec, register_map
 from cavga.networks import CAVGA, ModelOutput
 
@@ -50,7 +50,7 @@ class StatsFitter(Fitter):
 
 
 @torch.no_grad()
-def fit_feature_stats(model: CAVGA, images: torch.Tensor, cfg: TrainConfig, device: torch.device) -> dict:
+def fit_feature_stats(model: CAVGA, images: Images, cfg: TrainConfig, device: torch.device) -> dict:
     """Gaussian statistics of the chosen encoder stages over normal images (see `StatsFitter`)."""
     model.eval()
     fitter = StatsFitter(model, cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -58,11 +59,19 @@ class FlatLatent(nn.Module):
         return self.expand(z).view(len(z), self.out_channels, self.grid, self.grid)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor | None, sample: bool) -> torch.Tensor:
-    """z = μ + σ·ε while training, z = μ at inference (and always for a deterministic code)."""
+Noise = Callable[[torch.Size], torch.Tensor]  # ε of a given shape (see `reparameterize`)
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor | None, sample: bool, noise: Noise | None = None
+) -> torch.Tensor:
+    """z = μ + σ·ε while training, z = μ at inference (and always for a deterministic code). ε comes
+    from `noise(shape)` when given (training draws it per global batch, so several processes sample
+    what one would), else from the global random generator."""
     if not sample or logvar is None:
         return mu
-    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    eps = torch.randn_like(mu) if noise is None else noise(mu.shape).to(mu)
+    return mu + torch.exp(0.5 * logvar) * eps
 
 
 def dcgan_body(in_channels: int, image_size: int, width: int, max_width: int = 512) -> nn.Sequential:

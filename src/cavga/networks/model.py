@@ -15,6 +15,7 @@ from cavga.networks.blocks import (
     ConvLatent,
     DCGANDiscriminator,
     FlatLatent,
+    Noise,
     init_dcgan_weights,
     reparameterize,
 )
@@ -69,8 +70,9 @@ class CAVGA(nn.Module):
         assert self.classifier is not None
         return self.classifier(z.flatten(1))
 
-    def forward(self, x: torch.Tensor, sample: bool | None = None) -> ModelOutput:
-        """Encode, sample z (while training unless `sample` says otherwise) and decode."""
+    def forward(self, x: torch.Tensor, sample: bool | None = None, noise: Noise | None = None) -> ModelOutput:
+        """Encode, sample z (while training unless `sample` says otherwise; ε from `noise` when
+        given) and decode."""
         sample = self.training if sample is None else sample
         feats = self.encoder(x)
         F = feats[max(feats)]
@@ -78,7 +80,7 @@ class CAVGA(nn.Module):
             # A training-free anchor: its features are everything; it reconstructs nothing (x̂ = x).
             return ModelOutput(feats, F, F, None, F, x, x)
         mu, logvar = self.latent(F)
-        z = reparameterize(mu, logvar, sample)
+        z = reparameterize(mu, logvar, sample, noise)
         logits = self.decoder(self.latent.to_grid(z))
         class_logits = self.classify(z) if self.classifier is not None else None
         return ModelOutput(feats, F, mu, logvar, z, logits, torch.sigmoid(logits), class_logits)
