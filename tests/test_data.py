@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cavga.data.stream as stream
 from cavga.data import (
     ImageDataset,
     Sample,
@@ -382,7 +383,8 @@ def test_infer_channels(tmp_path: Path) -> None:
         infer_channels([])
 
 
-def test_dataset_getitem(tmp_path: Path) -> None:
+def test_dataset_getitem(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(stream, "FEW_IMAGES", 0)  # worker processes even for five images
     cat = _category(tmp_path)
     test = list_split(cat, "test")
     ds = ImageDataset(test, 8, 3, masks=True)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cavga.config import make_config
 from cavga.maps import CALIBRATED, MAPS, MapMaker, calibrate, feature_deviation, fit_feature_stats
+from cavga.maps.common import forward
 from cavga.networks import create_model
 
 SIZE = 64
@@ -93,7 +94,7 @@ def test_feature_stats_match_a_direct_computation(setup):
     assert cfg.stats_pool == 3
     stats = fit_feature_stats(model, train, cfg, CPU)
     with torch.no_grad():
-        out = model(train, sample=False)
+        out = forward(model, cfg, train)  # the features the maps read (of the standardised images)
     s = cfg.position_shrink
     for name in cfg.stats_layers:
         f = out.features[int(name[1:])].double()
@@ -141,8 +142,8 @@ def test_deviation_is_zero_for_the_only_image_the_statistics_were_fitted_on(setu
     cfg0 = dataclasses.replace(cfg, position_shrink=0.0)
     stats = fit_feature_stats(model, train[:1], cfg0, CPU)
     with torch.no_grad():
-        same = feature_deviation(model(train[:1], sample=False), stats, SIZE, cfg0.stats_pool)
-        other = feature_deviation(model(train[1:2], sample=False), stats, SIZE, cfg0.stats_pool)
+        same = feature_deviation(forward(model, cfg0, train[:1]), stats, SIZE, cfg0.stats_pool)
+        other = feature_deviation(forward(model, cfg0, train[1:2]), stats, SIZE, cfg0.stats_pool)
     assert same.shape == (1, SIZE, SIZE)
     assert same.abs().max() < 1e-2
     assert other.min() > 10 * same.abs().max()

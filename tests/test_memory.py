@@ -156,3 +156,15 @@ def test_standardised_feature_input_makes_the_maps_blind_to_brightness_and_contr
         a, b = maker.raw(x), maker.raw(changed)
         for key in ("memory", "latent-stats", "global_score"):
             assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-4) == same, (feature_input, key)
+
+
+def test_a_run_saved_before_the_standardised_default_keeps_raw_features() -> None:
+    """The default became "standardised"; a run saved without the setting was made with raw
+    features, and its calibration only fits those."""
+    from cavga.config import TrainConfig, make_config
+
+    saved = TrainConfig().to_dict()
+    del saved["feature_input"]
+    assert TrainConfig.from_saved(saved).feature_input == "raw"
+    assert TrainConfig.from_saved({**saved, "feature_input": "standardised"}).feature_input == "standardised"
+    assert make_config().feature_input == "standardised"

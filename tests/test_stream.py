@@ -53,6 +53,7 @@ def _same_tensors(a, b) -> bool:
 def test_streamed_training_equals_training_in_memory(data, tmp_path, monkeypatch) -> None:
     in_memory = _train(data, tmp_path / "memory", "--workers", "0")
     monkeypatch.setattr(stream, "IN_MEMORY_BYTES", 0)  # nothing fits: every batch is decoded again
+    monkeypatch.setattr(stream, "FEW_IMAGES", 0)  # by worker processes, however few the images
     streamed = _train(data, tmp_path / "streamed", "--workers", "2")
     assert _same_tensors(in_memory["model"], streamed["model"])
     assert _same_tensors(in_memory["calibration"], streamed["calibration"])
@@ -106,7 +107,8 @@ def _folder_of_images(folder: Path, data: Path, n: int) -> list[Path]:
     return paths
 
 
-def test_batched_prediction_equals_one_at_a_time(tiny_run, data, tmp_path) -> None:
+def test_batched_prediction_equals_one_at_a_time(tiny_run, data, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(stream, "FEW_IMAGES", 0)  # worker processes decode, however few the images
     paths = _folder_of_images(tmp_path / "in", data, 7)
     (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
     predictor = load_run(tiny_run, "cpu")

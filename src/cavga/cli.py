@@ -373,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-input",
         choices=("raw", "standardised"),
         default=None,
-        help="what the maps' encoder features see: the image (raw, default) or each image standardised "
-        "first (measured better on ELPV solar cells; see docs/method.md)",
+        help="what the maps' encoder features see: each image standardised first (default; measured "
+        "better on solar cells, textures and digits, see docs/method.md) or the image as it is (raw)",
     )
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument(

@@ -13,6 +13,8 @@ from cavga.errors import CavgaError
 # docs/method.md, "Real data").
 DEFAULT_STEPS = 300
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings whose default changed, with the value a saved run that lacks them was made with.
+SAVED_BEFORE = {"feature_input": "raw"}
 
 
 @dataclass
@@ -57,10 +59,10 @@ class TrainConfig:
     # Image score of the calibrated maps: "peak" (the map's maximum, or its own score) or "fused" (that
     # and the whole-image nearest-neighbour distance, standardised on held-out normal images, averaged)
     image_score: str = "fused"
-    # The input the maps' encoder features are computed from: "raw" (the image in [0, 1]) or
-    # "standardised" (each image to zero mean and unit variance first; see docs/method.md, where it
-    # measured better on ELPV; not yet the default)
-    feature_input: str = "raw"
+    # The input the maps' encoder features are computed from: "standardised" (each image to zero mean and
+    # unit variance first; measured better on ELPV, the demo textures and digits, see docs/method.md)
+    # or "raw" (the image in [0, 1]; what runs saved before the option existed used)
+    feature_input: str = "standardised"
     blur: float = 1 / 32  # Gaussian smoothing of the maps, σ as a fraction of the image size
     calib_fraction: float = 0.1  # normal training images held out to calibrate thresholds
     false_alarm_rate: float = 0.01  # target on held-out normal images for the calibrated thresholds
@@ -78,6 +80,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON and checkpoints."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config of a saved run. Settings it predates take the value that run was made with,
+        not today's default (a default that changed must not change an old run's maps)."""
+        return cls.from_dict({**SAVED_BEFORE, **d})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -15,6 +15,7 @@ again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +32,8 @@ from cavga.errors import DataError, reason, warn
 
 # Resized images kept in memory at most, in bytes (uint8 images take one byte per value).
 IN_MEMORY_BYTES = 256 << 20
+# Below this many images a loader decodes in its own process (see `loader`).
+FEW_IMAGES = 64
 # Version of the disk cache's file format; part of every key, so a change never reads stale files.
 CACHE_VERSION = 1
 
@@ -149,6 +152,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def with_samples(self, samples: Sequence[Sample]) -> ImageDataset:
+        """The same settings (size, channels, cache, …) over other samples."""
+        other = copy.copy(self)
+        other.samples = list(samples)
+        return other
+
     def _image(self, path: Path) -> tuple[np.ndarray, Image.Image | None]:
         arr = None if self.cache is None else self.cache.get(path, "image", self.image_size, self.channels)
         if arr is not None and not self.originals and not self.grey_only:
@@ -184,7 +193,9 @@ def loader(
     workers: int = 0,
     batch_sampler: Iterable[list[int]] | None = None,
 ) -> DataLoader:
-    """A `DataLoader` over `dataset` yielding `Batch`es, in order (or in `batch_sampler`'s)."""
+    """A `DataLoader` over `dataset` yielding `Batch`es, in order (or in `batch_sampler`'s). Fewer than
+    `FEW_IMAGES` images are decoded in this process: starting workers would cost more than it saves."""
+    workers = workers if len(dataset) >= FEW_IMAGES else 0
     kwargs: dict = {"num_workers": workers, "collate_fn": collate}
     if workers > 0:
         kwargs["prefetch_factor"] = 2  # batches in flight per worker: bounds the memory they take
@@ -213,17 +224,14 @@ class ImageSource:
 
     def subset(self, indices: Sequence[int]) -> ImageSource:
         """The images at `indices`, in that order."""
-        ds = self.dataset
-        sub = ImageDataset([ds.samples[i] for i in indices], ds.image_size, ds.channels)
-        sub.cache = ds.cache
+        sub = self.dataset.with_samples([self.samples[i] for i in indices])
         images = None if self.images is None else [self.images[i] for i in indices]
         return ImageSource(sub, images, self.workers)
 
     def __add__(self, other: ImageSource) -> ImageSource:
-        ds = ImageDataset(self.samples + other.samples, self.dataset.image_size, self.dataset.channels)
-        ds.cache = self.dataset.cache
         both = self.images is not None and other.images is not None
-        return ImageSource(ds, self.images + other.images if both else None, self.workers)
+        images = self.images + other.images if both else None
+        return ImageSource(self.dataset.with_samples(self.samples + other.samples), images, self.workers)
 
     def take(self, index_lists: Iterable[list[int]]) -> Iterator[torch.Tensor]:
         """One float batch per list of indices, in the lists' order."""
@@ -276,6 +284,5 @@ def scan(
     if not kept:
         where = samples[0].path.parent if samples else "the split"
         raise DataError(f"{where}: none of the {len(samples)} images can be used (see the lines above)")
-    usable = ImageDataset([dataset.samples[i] for i in kept], image_size, channels)
-    usable.cache = dataset.cache
+    usable = dataset.with_samples([dataset.samples[i] for i in kept])
     return ImageSource(usable, images, workers), skipped

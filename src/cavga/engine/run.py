@@ -122,7 +122,7 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
 def load_model(ckpt: dict[str, Any], device: torch.device) -> tuple[CAVGA, TrainConfig]:
     """Rebuild the network of a checkpoint and load its weights."""
     try:
-        cfg = TrainConfig.from_dict(ckpt["config"])
+        cfg = TrainConfig.from_saved(ckpt["config"])
     except (TypeError, ValueError, AttributeError) as e:
         raise RunError(f"the checkpoint's configuration is not valid: {e}") from e
     model = build_model(cfg)  # the weights come from the checkpoint, never re-downloaded

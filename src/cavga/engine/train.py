@@ -196,7 +196,7 @@ def train(
     ckpt = None
     if resume and (run / CHECKPOINT).exists():
         ckpt = load_checkpoint(run)
-        cfg = TrainConfig.from_dict(ckpt["config"])
+        cfg = TrainConfig.from_saved(ckpt["config"])
         data_dir, category = data_dir or ckpt["data"]["root"], ckpt["data"]["category"]
         if steps:
             cfg.steps = steps

@@ -12,29 +12,16 @@ each standardised by its mean and spread over the held-out normal images, are av
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from cavga.config import TrainConfig
-from cavga.maps.common import Images, batches, quantile
+from cavga.maps.common import Images, batches, forward, quantile
 from cavga.maps.memory import ImageMemory, global_score
 from cavga.maps.registry import MAPS, MapContext, available_maps
-from cavga.networks import CAVGA, MODELS, ModelOutput
-from cavga.networks.anchor import standardize
+from cavga.networks import CAVGA, MODELS
 
 SCALE_QUANTILE = 0.99
 CALIBRATED = tuple(n for n, s in MAPS.items() if s.calibrated)
-
-
-def forward(model: CAVGA, cfg: TrainConfig, x: torch.Tensor) -> ModelOutput:
-    """One forward pass at z = μ for the maps. With `feature_input = "standardised"` the encoder
-    stages the maps read come from each image standardised to zero mean and unit variance, so a
-    brighter or darker part gives the same features; the reconstruction still sees `x`."""
-    out = model(x, sample=False)
-    if cfg.feature_input == "standardised":
-        out = dataclasses.replace(out, features=model.encoder(standardize(x)))
-    return out
 
 
 def needed_maps(model: CAVGA, maps: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -202,13 +189,18 @@ def calibrate(
     maker = MapMaker(model, cfg, cal, device, maps)  # shares cal["scales"], filled below
 
     def held_out() -> dict[str, torch.Tensor]:
-        held = [maker.raw(xb) for xb in batches(calib_images, cfg.batch_size)]
+        # Reconstructions are not calibrated: leaving them out keeps memory to the maps themselves.
+        held = [
+            {k: v for k, v in maker.raw(xb).items() if k != "recon"}
+            for xb in batches(calib_images, cfg.batch_size)
+        ]
         return {k: torch.cat([h[k] for h in held]) for k in held[0]}
 
     joined = held_out()
     derived = [n for n in maps if MAPS[n].after]
     if derived:
         _set_scales(cal, joined, [n for n in maps if n not in derived])
+        del joined  # before the second pass, so the two are never held at once
         joined = held_out()  # the derived maps, now that their parts' scales are known
     _set_scales(cal, joined, maps)
     first = maker.calibrated(joined)  # peak scores: no score norms exist yet to fuse with
@@ -216,6 +208,7 @@ def calibrate(
     for name in maps:
         if MAPS[name].calibrated and name != "paper":
             cal["score_norms"][name] = _norm(first[f"score/{name}"])
+    del first
     out = maker.calibrated(joined)
     cal["image_thresholds"] = {
         name: quantile(out[f"score/{name}"], 1 - cfg.false_alarm_rate)

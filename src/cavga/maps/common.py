@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Protocol
@@ -12,7 +13,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from cavga.attention import nearest_stride
 from cavga.config import TrainConfig
-from cavga.networks import ModelOutput
+from cavga.networks import CAVGA, ModelOutput
+from cavga.networks.anchor import standardize
 
 
 class ImageBatches(Protocol):
@@ -75,3 +77,13 @@ def available_layers(out: ModelOutput, names: tuple[str, ...]) -> list[str]:
         if name not in found:
             found.append(name)
     return found
+
+
+def forward(model: CAVGA, cfg: TrainConfig, x: torch.Tensor) -> ModelOutput:
+    """One forward pass at z = μ for the maps. With `feature_input = "standardised"` the encoder
+    stages the maps read come from each image standardised to zero mean and unit variance, so a
+    brighter or darker part gives the same features; the reconstruction still sees `x`."""
+    out = model(x, sample=False)
+    if cfg.feature_input == "standardised":
+        out = dataclasses.replace(out, features=model.encoder(standardize(x)))
+    return out

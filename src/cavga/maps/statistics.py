@@ -9,7 +9,7 @@ import torch
 
 from cavga.attention import upsample
 from cavga.config import TrainConfig
-from cavga.maps.common import Images, available_layers, batches, blur, layer
+from cavga.maps.common import Images, available_layers, batches, blur, forward, layer
 from cavga.maps.registry import Fitter, MapContext, MapSpec, register_map
 from cavga.networks import CAVGA, ModelOutput
 
@@ -56,7 +56,7 @@ def fit_feature_stats(model: CAVGA, images: Images, cfg: TrainConfig, device: to
     fitter = StatsFitter(model, cfg)
     for xb in batches(images, cfg.batch_size):
         xb = xb.to(device)
-        fitter.update(xb, model(xb, sample=False))
+        fitter.update(xb, forward(model, cfg, xb))
     return fitter.finish()
 
 
