@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cavga.cli import main
-from cavga.data import make_demo_data
 from cavga.engine.run import load_checkpoint
+from tiny_data import small_demo
 
 SIZE = 32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -24,10 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_demo_data(
-        tmp_path_factory.mktemp("ddp-data"), seed=1, image_size=SIZE, n_train=12, n_test_good=2,
-        n_test_defect=1, categories=("brick",),
-    )  # fmt: skip
+    return small_demo(tmp_path_factory.mktemp("ddp-data"), seed=1, category="brick")
 
 
 def _args(data: Path, out: Path, steps: int) -> list[str]:

@@ -19,19 +19,17 @@ from PIL import Image
 import cavga.data.stream as stream
 from cavga.api import load_run
 from cavga.cli import main
-from cavga.data import list_split, load_image, make_demo_data, scan
+from cavga.data import list_split, load_image, scan
 from cavga.engine.predict import finished_rows, predict_files
 from cavga.engine.run import load_checkpoint
+from tiny_data import small_demo
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_demo_data(
-        tmp_path_factory.mktemp("stream-data"), seed=3, image_size=SIZE, n_train=12, n_test_good=3,
-        n_test_defect=2, categories=("gravel",),
-    )  # fmt: skip
+    return small_demo(tmp_path_factory.mktemp("stream-data"), seed=3, category="gravel")
 
 
 def _train(data: Path, out: Path, *extra: str) -> dict:
