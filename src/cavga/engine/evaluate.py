@@ -112,7 +112,7 @@ def evaluate(
         if not batch.index:
             continue
         x = batch.stack()
-        out = {k: v.detach().cpu().numpy() for k, v in maker(x).items()}
+        out = run_maps(maker, x, len(x))
         for k, v in out.items():
             if k in MAPS or k.startswith("score/") or k in ("global_score", "class_probability"):
                 parts.setdefault(k, []).append(v)  # what the metrics need; not reconstructions
