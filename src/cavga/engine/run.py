@@ -50,7 +50,11 @@ def build_model(cfg: TrainConfig, weights: str | None = None) -> CAVGA:
         kwargs["latent_channels"] = cfg.latent_channels
     if weights:
         kwargs["weights"] = weights
-    return create_model(cfg.model, cfg.image_size, cfg.channels or 3, **kwargs)
+    model = create_model(cfg.model, cfg.image_size, cfg.channels or 3, **kwargs)
+    # Convolutions with channels-last weights run channels-last whatever the input's layout: on a
+    # 2-core AMD EPYC (Zen 3) CAVGA-Ru trains 16–25 % and infers 33–38 % faster at 128 and 256 px
+    # (CAVGA-Du within ±10 %); see benchmarks/speed.py.
+    return model.to(memory_format=torch.channels_last)
 
 
 def _write_atomically(path: Path, write) -> None:
