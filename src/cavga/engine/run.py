@@ -52,8 +52,8 @@ def build_model(cfg: TrainConfig, weights: str | None = None) -> CAVGA:
         kwargs["weights"] = weights
     model = create_model(cfg.model, cfg.image_size, cfg.channels or 3, **kwargs)
     # Convolutions with channels-last weights run channels-last whatever the input's layout: on a
-    # 2-core AMD EPYC (Zen 3) CAVGA-Ru trains 16–25 % and infers 33–38 % faster at 128 and 256 px
-    # (CAVGA-Du within ±10 %); see benchmarks/speed.py.
+    # 2-core AMD EPYC (Zen 3) CAVGA-Ru trained 16–25 % and ran its forward pass 33–45 % faster at 128
+    # and 256 px, CAVGA-Du's training unchanged (README, the scale section).
     return model.to(memory_format=torch.channels_last)
 
 
