@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 import torchvision
 
 from cavga.attention import attention_expansion_loss, latent_attention
+from cavga.config import make_config
+from cavga.engine.run import build_model
 from cavga.errors import CavgaError
 from cavga.losses import classifier_loss, kl_divergence, reconstruction_loss
 from cavga.networks import MODELS, create_model
@@ -209,3 +212,21 @@ def test_weights_are_refused_for_dcgan_models(tmp_path):
     """Only the ResNet-18 encoder takes weights; a DCGAN model with weights= is a CavgaError."""
     with pytest.raises(CavgaError, match="ResNet-18"):
         create_model("cavga-du", 32, 1, weights=str(tmp_path / "r18.pt"))
+
+
+@pytest.mark.parametrize("name", ["cavga-ru", "cavga-du"])
+def test_built_models_run_channels_last_and_compute_what_the_plain_layout_does(name):
+    """`build_model` gives channels-last convolution weights (the faster layout on CPUs); the outputs
+    are those of the same weights in the plain layout, to float rounding."""
+    cfg = make_config(model=name, image_size=32, channels=1)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert any(not w.is_contiguous() for w in convs)  # so the two layouts really differ
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        a, b = model(x, sample=False), plain(x, sample=False)
+    torch.testing.assert_close(a.recon, b.recon, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.mu, b.mu, atol=1e-5, rtol=1e-4)
