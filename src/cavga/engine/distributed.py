@@ -4,7 +4,9 @@ Each process (rank) takes its share of every global batch (`shard`), the generat
 discriminator are each wrapped in DDP so their gradients are averaged across ranks, and BatchNorm
 is synchronised (`SyncedBatchNorm2d`): the statistics of a batch are those of the global batch, as
 in one process. So N processes with batches of B / N images train the same model as one process
-with batches of B, up to float rounding. Only rank 0 writes files; calibration runs on rank 0.
+with batches of B, up to float rounding. Only rank 0 writes files. Calibration's pass over the
+training images is split across the ranks too; rank 0 merges what they fitted and calibrates on
+the held-out images.
 """
 
 from __future__ import annotations

@@ -374,12 +374,16 @@ def train(
             ) from None
         bar.close()
     train_seconds = time.perf_counter() - t0
-    if not world.main:
-        world.barrier()  # rank 0 calibrates and writes the run
-        return run
     t1 = time.perf_counter()
     model.eval()
-    calibration = calibrate(model, cfg, data.normal, data.calib, device, cheap_maps(cfg))
+    # Every rank fits the normal states on its share of the training images; rank 0 merges them,
+    # calibrates on the held-out images and writes the run.
+    calibration = calibrate(
+        model, cfg, data.normal, data.calib, device, cheap_maps(cfg), world.rank, world.size
+    )
+    if not world.main:
+        world.barrier()
+        return run
     images = (step - first_step) * batches.global_size
     write_json(
         run / "train_summary.json",

@@ -13,9 +13,10 @@ each standardised by its mean and spread over the held-out normal images, are av
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from cavga.config import TrainConfig
-from cavga.maps.common import Images, batches, forward, quantile
+from cavga.maps.common import Images, batches, forward, quantile, share
 from cavga.maps.memory import ImageMemory, global_score
 from cavga.maps.registry import MAPS, MapContext, available_maps
 from cavga.networks import CAVGA, MODELS
@@ -153,18 +154,36 @@ def _set_scales(cal: dict, joined: dict[str, torch.Tensor], names: list[str] | t
 
 @torch.no_grad()
 def fit_normal_states(
-    model: CAVGA, cfg: TrainConfig, images: Images, device: torch.device, maps: tuple[str, ...]
-) -> dict:
+    model: CAVGA,
+    cfg: TrainConfig,
+    images: Images,
+    device: torch.device,
+    maps: tuple[str, ...],
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict | None:
     """One pass over the normal training images feeding every fitter the maps need and the
-    whole-image memory (for the fused score); returns the fitted state per name."""
+    whole-image memory (for the fused score); returns the fitted state per name.
+
+    With `world_size` processes (a distributed run, its process group initialised) each rank passes
+    over its share of the images; rank 0 gathers and merges every rank's accumulations and returns
+    the states, the other ranks return None.
+    """
     model.eval()
     fitters = {n: MAPS[n].fitter(model, cfg, len(images)) for n in maps if MAPS[n].fitter is not None}
     fitters["image-memory"] = ImageMemory(model, cfg, len(images))
-    for xb in batches(images, cfg.batch_size):
+    for xb in batches(share(images, rank, world_size), cfg.batch_size):
         xb = xb.to(device)
         out = forward(model, cfg, xb)
         for f in fitters.values():
             f.update(xb, out)
+    if world_size > 1:
+        gathered: list | None = [None] * world_size if rank == 0 else None
+        dist.gather_object({n: f.accumulated() for n, f in fitters.items()}, gathered, dst=0)
+        if gathered is None:
+            return None
+        for n, f in fitters.items():
+            f.merge([g[n] for g in gathered[1:]])
     return {n: f.finish() for n, f in fitters.items()}
 
 
@@ -176,16 +195,25 @@ def calibrate(
     calib_images: Images,
     device: torch.device,
     maps: tuple[str, ...] | None = None,
-) -> dict:
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict | None:
     """Normal states from the training images; scales, score norms and thresholds from held-out normal
     images. No anomalous image is used.
+
+    In a distributed run every rank computes the normal states of its share of the training images
+    (see `fit_normal_states`); rank 0 then calibrates on the held-out images alone and returns the
+    calibration, the other ranks return None.
 
     Also stores each map's mean over the held-out normal images: the image-independent reference map
     that evaluation reports beside the real one. (Held-out, not training images: a memory map is near
     zero on the images it memorised.)
     """
     maps = needed_maps(model, maps)
-    cal: dict = {"fitted": fit_normal_states(model, cfg, train_images, device, maps), "scales": {}}
+    fitted = fit_normal_states(model, cfg, train_images, device, maps, rank, world_size)
+    if fitted is None:
+        return None
+    cal: dict = {"fitted": fitted, "scales": {}}
     maker = MapMaker(model, cfg, cal, device, maps)  # shares cal["scales"], filled below
 
     def held_out() -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -24,6 +24,8 @@ class ImageBatches(Protocol):
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]: ...
 
+    def subset(self, indices: Sequence[int]) -> ImageBatches: ...
+
 
 Images = torch.Tensor | ImageBatches  # (N, C, H, W) in [0, 1], or batches of them
 
@@ -36,6 +38,16 @@ def batches(images: Images, batch_size: int) -> Iterator[torch.Tensor]:
         return
     for i in range(0, len(images), batch_size):
         yield images[i : i + batch_size]
+
+
+def share(images: Images, rank: int, world_size: int) -> Images:
+    """Rank `rank`'s share of the images when `world_size` processes split them: every
+    `world_size`-th image from the `rank`-th."""
+    if world_size == 1:
+        return images
+    if isinstance(images, torch.Tensor):
+        return images[rank::world_size]
+    return images.subset(range(rank, len(images), world_size))
 
 
 def blur(maps: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:

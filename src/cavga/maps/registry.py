@@ -40,6 +40,20 @@ class Fitter:
         """The fitted state (tensors and plain values, stored in the checkpoint)."""
         raise NotImplementedError
 
+    # Several processes: each fitter sees its rank's share of the images; rank 0 gathers the others'
+    # accumulations and merges them before `finish`. By default what is accumulated is a list of
+    # per-batch `parts` (CPU tensors); a fitter that keeps sums instead overrides both.
+    parts: list
+
+    def accumulated(self) -> object:
+        """What this fitter has accumulated, picklable, to be merged into another rank's fitter."""
+        return self.parts
+
+    def merge(self, accumulated: list) -> None:
+        """Take in other fitters' `accumulated()` as if this fitter had seen their images too."""
+        for parts in accumulated:
+            self.parts.extend(parts)
+
 
 @dataclass(frozen=True)
 class MapSpec:

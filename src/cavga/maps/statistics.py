@@ -34,6 +34,17 @@ class StatsFitter(Fitter):
             a["sum"] = a["sum"] + flat.sum(0)
             a["outer"] = a["outer"] + flat.T @ flat
 
+    def accumulated(self) -> object:
+        return self.n, {name: {k: v.cpu() for k, v in a.items()} for name, a in self.acc.items()}
+
+    def merge(self, accumulated: list) -> None:
+        for n, acc in accumulated:
+            self.n += n
+            for name, a in acc.items():
+                mine = self.acc.setdefault(name, {"pos": 0, "sum": 0, "outer": 0})
+                for k, v in a.items():
+                    mine[k] = mine[k] + (v.to(mine[k].device) if torch.is_tensor(mine[k]) else v)
+
     def finish(self) -> dict:
         stats = {}
         for name, a in self.acc.items():
