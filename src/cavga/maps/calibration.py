@@ -174,7 +174,7 @@ def fit_normal_states(
     fitters["image-memory"] = ImageMemory(model, cfg, len(images))
     for xb in batches(share(images, rank, world_size), cfg.batch_size):
         xb = xb.to(device)
-        out = forward(model, cfg, xb)
+        out = forward(model, cfg, xb, features_only=True)
         for f in fitters.values():
             f.update(xb, out)
     if world_size > 1:

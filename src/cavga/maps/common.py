@@ -91,10 +91,18 @@ def available_layers(out: ModelOutput, names: tuple[str, ...]) -> list[str]:
     return found
 
 
-def forward(model: CAVGA, cfg: TrainConfig, x: torch.Tensor) -> ModelOutput:
+def forward(model: CAVGA, cfg: TrainConfig, x: torch.Tensor, features_only: bool = False) -> ModelOutput:
     """One forward pass at z = μ for the maps. With `feature_input = "standardised"` the encoder
     stages the maps read come from each image standardised to zero mean and unit variance, so a
-    brighter or darker part gives the same features; the reconstruction still sees `x`."""
+    brighter or darker part gives the same features; the reconstruction still sees `x`.
+
+    `features_only`: only the encoder stages are needed (fitting the normal states), so the latent
+    heads and the decoder are skipped, and with standardised input the encoder runs once instead of
+    twice; the other fields are None. Not when a map reads z (a "z" stage), which needs μ.
+    """
+    if features_only and "z" not in (*cfg.stats_layers, *cfg.memory_layers):
+        feats = model.encoder(standardize(x) if cfg.feature_input == "standardised" else x)
+        return ModelOutput(feats, feats[max(feats)], None, None, None, None, None)
     out = model(x, sample=False)
     if cfg.feature_input == "standardised":
         out = dataclasses.replace(out, features=model.encoder(standardize(x)))

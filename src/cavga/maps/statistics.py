@@ -67,7 +67,7 @@ def fit_feature_stats(model: CAVGA, images: Images, cfg: TrainConfig, device: to
     fitter = StatsFitter(model, cfg)
     for xb in batches(images, cfg.batch_size):
         xb = xb.to(device)
-        fitter.update(xb, forward(model, cfg, xb))
+        fitter.update(xb, forward(model, cfg, xb, features_only=True))
     return fitter.finish()
 
 
