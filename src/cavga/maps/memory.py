@@ -108,6 +108,7 @@ class MemoryFitter(Fitter):
 
     def finish(self) -> dict:
         candidates = torch.cat(self.parts)
+        self.parts.clear()
         keep, radius = greedy_coreset(candidates, self.cfg.coreset_size, self.cfg.seed)
         return {"bank": candidates[keep].contiguous(), "radius": radius, "n_candidates": len(candidates)}
 
@@ -136,7 +137,9 @@ class NearestImageFitter(Fitter):
         self.parts.append(_small(x, NEAREST_IMAGE_SIZE).cpu())
 
     def finish(self) -> dict:
-        return {"images": torch.cat(self.parts)}
+        images = torch.cat(self.parts)
+        self.parts.clear()  # the batches would otherwise double the memory until the fitter goes
+        return {"images": images}
 
 
 def _nearest_image(ctx: MapContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +193,7 @@ class ImageMemory(Fitter):
 
     def finish(self) -> dict:
         blocks = [torch.cat(p) for p in zip(*self.parts, strict=True)]
+        self.parts.clear()
         state: dict = {"mean": [b.mean(0) for b in blocks], "scale": []}
         for b in blocks:
             spread = float(b.var(0).sum().sqrt()) if len(b) > 1 else 1.0
