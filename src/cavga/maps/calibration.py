@@ -23,9 +23,8 @@ from cavga.maps.registry import MAPS, MapContext, available_maps
 from cavga.networks import CAVGA, MODELS
 
 SCALE_QUANTILE = 0.99
-# Fitting gives freed pages back to the system every this many batches: the fitters' small lasting
-# tensors sit between freed activation buffers, and without it resident memory grew by about 1 GB
-# over 2,700 images at 128 px (README, the scale section).
+# Fitting gives freed heap pages back to the system every this many batches: the fitters' small
+# lasting tensors sit between freed activation buffers, which then stay resident (cavga.heap).
 TRIM_EVERY = 16
 CALIBRATED = tuple(n for n, s in MAPS.items() if s.calibrated)
 
