@@ -37,7 +37,6 @@ from cavga.engine.run import (
     write_json,
 )
 from cavga.errors import DataError, RunError
-from cavga.heap import release_free_memory
 from cavga.losses import (
     classifier_loss,
     complementary_guided_attention_loss,
@@ -377,7 +376,6 @@ def train(
     train_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     model.eval()
-    release_free_memory()  # what training's buffers left in the heap, before calibration adds to it
     # Every rank fits the normal states on its share of the training images; rank 0 merges them,
     # calibrates on the held-out images and writes the run.
     calibration = calibrate(

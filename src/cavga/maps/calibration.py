@@ -176,6 +176,7 @@ def fit_normal_states(
     model.eval()
     fitters = {n: MAPS[n].fitter(model, cfg, len(images)) for n in maps if MAPS[n].fitter is not None}
     fitters["image-memory"] = ImageMemory(model, cfg, len(images))
+    release_free_memory()  # what training's buffers left in the heap, before the fitters add to it
     for i, xb in enumerate(batches(share(images, rank, world_size), cfg.batch_size)):
         xb = xb.to(device)
         out = forward(model, cfg, xb, features_only=True)
