@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cavga.config import make_config
 from cavga.maps import CALIBRATED, MAPS, MapMaker, calibrate, feature_deviation, fit_feature_stats
-from cavga.maps.common import forward
+from cavga.maps.common import forward, gaussian_blur
 from cavga.networks import create_model
 
 SIZE = 64
@@ -213,3 +213,13 @@ def test_features_only_forward_gives_the_full_passs_encoder_stages(feature_input
             torch.testing.assert_close(short.features[k], full.features[k])
         with_z = forward(model, dataclasses.replace(cfg, stats_layers=("z",)), x, features_only=True)
         torch.testing.assert_close(with_z.mu, full.mu)
+
+
+@pytest.mark.parametrize(("shape", "size", "sigma"), [((3, 1, 40, 40), 9, 2.0), ((1, 1, 33, 20), 5, 0.7)])
+def test_gaussian_blur_is_torchvisions(shape, size, sigma):
+    """The maps' smoothing computes what torchvision's gaussian_blur does (reflected borders)."""
+    from torchvision.transforms.functional import gaussian_blur as torchvision_blur
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    expected = torchvision_blur(x, [size, size], [sigma, sigma])
+    torch.testing.assert_close(gaussian_blur(x, size, sigma), expected, atol=1e-6, rtol=0)

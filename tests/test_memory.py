@@ -4,6 +4,8 @@ the fused image score, on small constructed cases."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -168,3 +170,14 @@ def test_a_run_saved_before_the_standardised_default_keeps_raw_features() -> Non
     assert TrainConfig.from_saved(saved).feature_input == "raw"
     assert TrainConfig.from_saved({**saved, "feature_input": "standardised"}).feature_input == "standardised"
     assert make_config().feature_input == "standardised"
+
+
+def test_training_imports_neither_torchvision_nor_scikit_learn():
+    """`cavga train` keeps its import light: torchvision (which brings torch._dynamo and Triton, about
+    160 MB) and scikit-learn (about 100 MB) are imported only where they are needed."""
+    code = (
+        "import sys, cavga, cavga.cli, cavga.engine.train\n"
+        "print(' '.join(m for m in ('torchvision', 'sklearn', 'torch._dynamo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

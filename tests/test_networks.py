@@ -16,6 +16,7 @@ from cavga.errors import CavgaError
 from cavga.losses import classifier_loss, kl_divergence, reconstruction_loss
 from cavga.networks import MODELS, create_model
 from cavga.networks.blocks import FlatLatent
+from cavga.networks.resnet import ResNet18Trunk
 
 INVALID_SIZES = {"resnet": [16, 40, 48], "dcgan": [16, 48, 96], "raw": [8, 24, 40]}
 TRAINABLE = sorted(n for n, s in MODELS.items() if s.setting != "training-free")
@@ -128,6 +129,30 @@ def test_generator_parameters_exclude_the_discriminator():
 def resnet_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(7)
     return torchvision.models.resnet18(weights=None).state_dict()
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_resnet18_trunk_is_torchvisions_network(seed):
+    """`ResNet18Trunk` is torchvision's resnet18 up to layer4: same state-dict keys, the same seeded
+    weights, the random stream left where torchvision leaves it, and the same features."""
+    torch.manual_seed(seed)
+    ref = torchvision.models.resnet18(weights=None).eval()
+    after_ref = torch.rand(3)
+    torch.manual_seed(seed)
+    ours = ResNet18Trunk().eval()
+    assert torch.equal(torch.rand(3), after_ref)
+    ref_state = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
+    assert list(ours.state_dict()) == list(ref_state)
+    assert all(torch.equal(v, ref_state[k]) for k, v in ours.state_dict().items())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = [
+            ref.maxpool(ref.relu(ref.bn1(ref.conv1(x)))),
+            ours.maxpool(ours.relu(ours.bn1(ours.conv1(x)))),
+        ]
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            feats = [getattr(ref, name)(feats[0]), getattr(ours, name)(feats[1])]
+    torch.testing.assert_close(feats[1], feats[0], atol=0, rtol=0)
 
 
 def _path_error(path) -> str:

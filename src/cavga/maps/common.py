@@ -9,7 +9,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 from cavga.attention import nearest_stride
 from cavga.config import TrainConfig
@@ -55,8 +54,19 @@ def blur(maps: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     sigma = cfg.blur * cfg.image_size
     if sigma <= 0:
         return maps
-    k = 2 * math.ceil(2 * sigma) + 1
-    return gaussian_blur(maps.unsqueeze(1), [k, k], [sigma, sigma]).squeeze(1)
+    return gaussian_blur(maps.unsqueeze(1), 2 * math.ceil(2 * sigma) + 1, sigma).squeeze(1)
+
+
+def gaussian_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """(B, 1, H, W) smoothed by a `size`-tap Gaussian of σ = `sigma`, borders reflected: what
+    torchvision's `gaussian_blur` computes (a test checks it), as two 1-D passes, and without
+    importing torchvision (see `cavga.networks.resnet.ResNet18Trunk`)."""
+    half = (size - 1) / 2
+    taps = torch.exp(-0.5 * (torch.linspace(-half, half, size, device=x.device) / sigma) ** 2)
+    taps = (taps / taps.sum()).to(x.dtype)
+    pad = size // 2
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(F.conv2d(x, taps.view(1, 1, 1, size)), taps.view(1, 1, size, 1))
 
 
 def quantile(t: torch.Tensor, q: float) -> float:

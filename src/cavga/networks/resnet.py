@@ -1,4 +1,5 @@
-"""CAVGA-R: torchvision ResNet-18 encoder (stride 32) and the residual decoder."""
+"""CAVGA-R: the ResNet-18 encoder (stride 32; torchvision's network and weights) and the residual
+decoder."""
 
 from __future__ import annotations
 
@@ -6,13 +7,61 @@ import math
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from cavga.errors import CavgaError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block: two 3×3 convolutions and a skip (1×1 conv when it strides)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18Trunk(nn.Module):
+    """torchvision's `resnet18` up to `layer4`: the same modules, names and initialisation, so its
+    state dicts load as they are and a seeded model draws exactly the weights torchvision's would
+    (a test checks both).
+
+    Written out rather than imported because importing torchvision costs every cavga process about
+    160 MB of memory and 2 s (its detection ops import torch._dynamo and Triton); torchvision is
+    still used, lazily, for its ImageNet weights and datasets.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = (64, 128, 256, 512)
+        for i, c in enumerate(widths):
+            c_in, stride = widths[max(i - 1, 0)], 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(c_in, c, stride), BasicBlock(c, c, 1)))
+        # torchvision builds its 1000-class classifier here, drawing from the random stream before
+        # the convolutions are re-initialised; drawing the same keeps seeded weights identical.
+        nn.Linear(512, 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
 class ResNetEncoder(nn.Module):
@@ -23,10 +72,9 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, in_channels: int, weights: str | None = None):
         super().__init__()
-        net = torchvision.models.resnet18(weights=None)
-        state = load_resnet_weights(weights) if weights else None
-        if state is not None:
-            net.load_state_dict(state)
+        net = ResNet18Trunk()
+        if weights:
+            net.load_state_dict(load_resnet_weights(weights))
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         # Grey images are repeated to three channels, so ImageNet weights see a grey image exactly
@@ -46,16 +94,19 @@ class ResNetEncoder(nn.Module):
 
 
 def load_resnet_weights(weights: str) -> dict[str, torch.Tensor]:
-    """ResNet-18 weights: "imagenet" (torchvision's, downloaded once) or a state-dict file."""
+    """ResNet-18 weights for `ResNet18Trunk`: "imagenet" (torchvision's, downloaded once) or a
+    torchvision ResNet-18 state-dict file (its classifier, if any, is dropped)."""
     if weights == "imagenet":
         try:
+            import torchvision  # only here: see ResNet18Trunk
+
             sd = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
         except Exception as e:  # network failures surface as many exception types
             raise CavgaError(
                 f"could not download torchvision's ImageNet ResNet-18 weights ({e}); "
                 "download them on a machine with internet access and pass the file with --weights PATH"
             ) from e
-        return sd
+        return {k: v for k, v in sd.items() if not k.startswith("fc.")}
     path = Path(weights)
     if not path.is_file():
         raise CavgaError(f"ResNet-18 weights file not found: {path}")
@@ -65,16 +116,16 @@ def load_resnet_weights(weights: str) -> dict[str, torch.Tensor]:
         raise CavgaError(f"cannot read ResNet-18 weights from {path}: {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
-    reference = torchvision.models.resnet18(weights=None).state_dict()
     if not isinstance(sd, dict):
         raise CavgaError(f"{path} does not hold a state dict")
+    with torch.device("meta"):  # shapes only: no memory, and no draw from the random stream
+        reference = ResNet18Trunk().state_dict()
     sd = {k.removeprefix("module."): v for k, v in sd.items() if not k.startswith("fc.")}
-    missing = [k for k in reference if not k.startswith("fc.") and k not in sd]
+    missing = [k for k in reference if k not in sd]
     wrong = [k for k, v in sd.items() if k in reference and tuple(v.shape) != tuple(reference[k].shape)]
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"wrong shape for {wrong[:3]}"
         raise CavgaError(f"{path} is not a torchvision ResNet-18 state dict: {detail}")
-    sd.update({k: v for k, v in reference.items() if k.startswith("fc.")})
     return {k: sd[k] for k in reference}
 
 
