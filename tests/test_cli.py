@@ -15,6 +15,7 @@ from cavga.data import make_demo_data
 from cavga.engine import train as train_mod
 from cavga.engine.run import load_checkpoint
 from cavga.engine.train import batch_indices
+from cavga.errors import RunError
 from cavga.networks import MODELS
 
 SIZE = 32
@@ -144,6 +145,33 @@ def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatc
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert (part / "log.csv").read_text().count("\n") == 5  # header + 4 steps, no duplicates
+
+
+def test_a_failed_calibration_loses_no_training(data: Path, tmp_path: Path, monkeypatch) -> None:
+    """Training is saved, optimiser states included, before calibration starts: a calibration that
+    fails leaves the last step on disk, and `--resume` calibrates it without training again, ending
+    with the checkpoint an uninterrupted run writes."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(train_args(data, full, "cavga-du", 3)) == 0
+
+    def failing(*args, **kwargs):
+        raise RunError("calibration stopped")
+
+    real_calibrate, real_step, steps = train_mod.calibrate, train_mod.train_step, []
+    monkeypatch.setattr(train_mod, "calibrate", failing)
+    assert main(train_args(data, part, "cavga-du", 3)) == 2
+    saved = load_checkpoint(part)
+    assert saved["step"] == 3 and saved["calibration"] is None and saved["opt_g"]["state"]
+    monkeypatch.setattr(train_mod, "calibrate", real_calibrate)
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    assert main(["train", "--out", str(part), "--resume", "--quiet"]) == 0
+    assert steps == []
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for i, state in a["opt_g"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["opt_g"]["state"][i]["exp_avg_sq"]), i
+    assert a["calibration"]["image_thresholds"] == b["calibration"]["image_thresholds"]
 
 
 def test_same_seed_same_run(data: Path, tmp_path: Path) -> None:

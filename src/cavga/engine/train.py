@@ -280,7 +280,7 @@ def train(
             },
         )
 
-    def state(calibration: dict | None = None) -> dict:
+    def state() -> dict:
         return {
             "model": model.state_dict(),
             "opt_g": opt_g.state_dict() if opt_g is not None else None,
@@ -291,12 +291,12 @@ def train(
             "model_name": cfg.model,
             "setting": spec.setting,
             "data": meta,
-            "calibration": calibration,
+            "calibration": None,  # added once calibrated, at the end
         }
 
-    def save(calibration: dict | None = None) -> None:
+    def save() -> None:
         if world.main:  # one writer; the other ranks hold the same weights
-            save_checkpoint(run / CHECKPOINT, state(calibration))
+            save_checkpoint(run / CHECKPOINT, state())
 
     log_path = run / "log.csv" if world.main else Path(os.devnull)
     if world.main and (step == 0 or not log_path.exists()):
@@ -374,6 +374,12 @@ def train(
             ) from None
         bar.close()
     train_seconds = time.perf_counter() - t0
+    # The trained weights and optimiser states go to disk before calibration: a calibration that
+    # fails (or is stopped) loses no training, and the gradients and Adam's moments (three times the
+    # weights' memory) need not stay in memory while it runs.
+    save()
+    model.zero_grad(set_to_none=True)
+    opt_g = opt_d = generator = discriminator = None
     t1 = time.perf_counter()
     model.eval()
     # Every rank fits the normal states on its share of the training images; rank 0 merges them,
@@ -403,7 +409,9 @@ def train(
             "n_calib": len(data.calib),
         },
     )
-    save(calibration)
+    finished = load_checkpoint(run)  # the state saved before calibration, optimisers included
+    finished["calibration"] = calibration
+    save_checkpoint(run / CHECKPOINT, finished)
     world.barrier()
     return run
 
