@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from cavga.attention import nearest_stride
 from cavga.config import TrainConfig
+from cavga.heap import release_free_memory
 from cavga.networks import CAVGA, ModelOutput
 from cavga.networks.anchor import standardize
 
@@ -47,6 +48,24 @@ def share(images: Images, rank: int, world_size: int) -> Images:
     if isinstance(images, torch.Tensor):
         return images[rank::world_size]
     return images.subset(range(rank, len(images), world_size))
+
+
+def join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(parts)` along the first dimension, emptying `parts` as they are copied and giving
+    their memory back every 32 MB (`cavga.heap`), so the parts and the whole are never all resident
+    at once (a fitter's parts are its whole bank: all training images at 64 px for `nearest-image`)."""
+    out = parts[0].new_empty((sum(len(p) for p in parts), *parts[0].shape[1:]))
+    done = copied = 0
+    parts.reverse()  # popped from the end, so in their order
+    while parts:
+        part = parts.pop()
+        out[done : done + len(part)] = part
+        done, copied = done + len(part), copied + part.nbytes
+        del part
+        if copied > 32 << 20:
+            release_free_memory()
+            copied = 0
+    return out
 
 
 def blur(maps: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:

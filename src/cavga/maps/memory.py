@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from cavga.attention import upsample
 from cavga.config import TrainConfig
-from cavga.maps.common import available_layers, blur, layer
+from cavga.maps.common import available_layers, blur, join, layer
 from cavga.maps.registry import Fitter, MapContext, MapSpec, register_map
 from cavga.networks import CAVGA, ModelOutput
 from cavga.networks.anchor import standardize
@@ -107,8 +107,7 @@ class MemoryFitter(Fitter):
             self.parts.append(flat[i, pick])
 
     def finish(self) -> dict:
-        candidates = torch.cat(self.parts)
-        self.parts.clear()
+        candidates = join(self.parts)
         keep, radius = greedy_coreset(candidates, self.cfg.coreset_size, self.cfg.seed)
         return {"bank": candidates[keep].contiguous(), "radius": radius, "n_candidates": len(candidates)}
 
@@ -137,9 +136,7 @@ class NearestImageFitter(Fitter):
         self.parts.append(_small(x, NEAREST_IMAGE_SIZE).cpu())
 
     def finish(self) -> dict:
-        images = torch.cat(self.parts)
-        self.parts.clear()  # the batches would otherwise double the memory until the fitter goes
-        return {"images": images}
+        return {"images": join(self.parts)}
 
 
 def _nearest_image(ctx: MapContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,19 +183,26 @@ class ImageMemory(Fitter):
 
     def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int = 0):
         self.cfg = cfg
-        self.parts: list[list[torch.Tensor]] = []
+        self.parts: list[torch.Tensor] = []  # per batch, the blocks side by side
+        self.widths: list[int] = []
 
     def update(self, x: torch.Tensor, out: ModelOutput) -> None:
-        self.parts.append([b.cpu() for b in image_embedding(x, out, self.cfg)])
+        blocks = image_embedding(x, out, self.cfg)
+        self.widths = [b.shape[1] for b in blocks]
+        self.parts.append(torch.cat(blocks, 1).cpu())
 
     def finish(self) -> dict:
-        blocks = [torch.cat(p) for p in zip(*self.parts, strict=True)]
-        self.parts.clear()
-        state: dict = {"mean": [b.mean(0) for b in blocks], "scale": []}
-        for b in blocks:
-            spread = float(b.var(0).sum().sqrt()) if len(b) > 1 else 1.0
+        bank = join(self.parts)
+        state: dict = {"mean": [], "scale": []}
+        start = 0
+        for width in self.widths:
+            block = bank[:, start : start + width]  # a view: centred and scaled in place, as `embed`
+            start += width
+            spread = float(block.var(0).sum().sqrt()) if len(block) > 1 else 1.0
+            state["mean"].append(block.mean(0))
             state["scale"].append(spread + 1e-6)
-        state["bank"] = embed(blocks, state)
+            block.sub_(state["mean"][-1]).div_(state["scale"][-1])
+        state["bank"] = bank
         return state
 
 
