@@ -172,11 +172,12 @@ def test_a_run_saved_before_the_standardised_default_keeps_raw_features() -> Non
     assert make_config().feature_input == "standardised"
 
 
-def test_training_imports_neither_torchvision_nor_scikit_learn():
-    """`cavga train` keeps its import light: torchvision (which brings torch._dynamo and Triton, about
-    160 MB) and scikit-learn (about 100 MB) are imported only where they are needed."""
+def test_training_and_prediction_import_neither_torchvision_nor_scikit_learn():
+    """`cavga train` and `cavga predict` keep their imports light: torchvision (which brings
+    torch._dynamo and Triton, about 160 MB) and scikit-learn (about 100 MB) are imported only where
+    they are needed (ImageNet weights, datasets, metrics)."""
     code = (
-        "import sys, cavga, cavga.cli, cavga.engine.train\n"
+        "import sys, cavga, cavga.cli, cavga.engine.train, cavga.engine.predict\n"
         "print(' '.join(m for m in ('torchvision', 'sklearn', 'torch._dynamo') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

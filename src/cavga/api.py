@@ -16,10 +16,9 @@ import torch
 from PIL import Image
 
 from cavga.data import image_to_tensor, is_grey, open_image
-from cavga.engine.evaluate import run_maps
 from cavga.engine.run import load_checkpoint, load_model, resolve_device
 from cavga.errors import CavgaError, DataError, RunError
-from cavga.maps import MapMaker, available_maps
+from cavga.maps import MapMaker, available_maps, run_maps
 from cavga.visualize import chw_to_image
 
 ImageLike = str | Path | Image.Image | np.ndarray

@@ -15,7 +15,7 @@ from cavga.data import category_dir, has_masks, infer_channels, list_split
 from cavga.data.stream import ImageDataset, default_workers, loader
 from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_json
 from cavga.errors import DataError, RunError, warn
-from cavga.maps import MAPS, MapMaker, cheap_maps
+from cavga.maps import MAPS, MapMaker, cheap_maps, run_maps
 from cavga.metrics import pro_curve, summarize
 from cavga.networks import MODELS
 from cavga.visualize import chw_to_image, save_panel
@@ -27,15 +27,6 @@ def check_channels(data_channels: int, model_channels: int, where: str) -> None:
     """A colour image cannot go into a grey model (its colour would be thrown away silently)."""
     if data_channels == 3 and model_channels == 1:
         raise DataError(f"{where}: colour images, but the run was trained on greyscale images")
-
-
-def run_maps(maker: MapMaker, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
-    """Every map, score, reconstruction and attention for a stack of images, as NumPy arrays."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for i in range(0, len(images), batch_size):
-        for k, v in maker(images[i : i + batch_size]).items():
-            parts.setdefault(k, []).append(v.detach().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def check_run_matches(ckpt: dict[str, Any], cat_dir: Path, force: bool = False) -> None:

@@ -9,7 +9,15 @@ its `MapMaker` computes maps for batches of images. Adding a map is one new modu
 """
 
 from cavga.maps import gradcam, memory, residual, statistics  # noqa: F401  (registers the maps)
-from cavga.maps.calibration import CALIBRATED, SCALE_QUANTILE, MapMaker, calibrate, cheap_maps, costly
+from cavga.maps.calibration import (
+    CALIBRATED,
+    SCALE_QUANTILE,
+    MapMaker,
+    calibrate,
+    cheap_maps,
+    costly,
+    run_maps,
+)
 from cavga.maps.gradcam import GRADCAM_STRIDES, paper_map
 from cavga.maps.memory import greedy_coreset, nearest_distance
 from cavga.maps.registry import MAPS, MapContext, MapSpec, available_maps, register_map
@@ -33,4 +41,5 @@ __all__ = [
     "nearest_distance",
     "paper_map",
     "register_map",
+    "run_maps",
 ]

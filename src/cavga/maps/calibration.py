@@ -12,6 +12,7 @@ each standardised by its mean and spread over the held-out normal images, are av
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -138,6 +139,15 @@ class MapMaker:
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Calibrated maps in [0, 1] and one image score per map (`score/<map>`)."""
         return self.calibrated(self.raw(x))
+
+
+def run_maps(maker: MapMaker, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """Every map, score, reconstruction and attention for a stack of images, as NumPy arrays."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(images), batch_size):
+        for k, v in maker(images[i : i + batch_size]).items():
+            parts.setdefault(k, []).append(v.detach().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def _standard(score: torch.Tensor, norm: tuple[float, float]) -> torch.Tensor:
