@@ -53,11 +53,13 @@ def test_coreset_radius_shrinks_as_more_points_are_kept():
 
 
 def test_chunked_nearest_distance_equals_the_brute_force_one(monkeypatch):
-    """Splitting the queries into chunks (forced tiny here) changes nothing."""
+    """Splitting the queries and the bank's squared norms into chunks (forced tiny here) changes
+    nothing."""
     g = torch.Generator().manual_seed(0)
     q, bank = torch.randn(37, 5, generator=g), torch.randn(23, 5, generator=g)
     d = torch.cdist(q, bank)
     monkeypatch.setattr(memory_module, "CHUNK_ELEMENTS", 50)  # two queries per chunk
+    monkeypatch.setattr(memory_module, "SQUARES_ELEMENTS", 20)  # four bank rows per chunk
     dist, index = nearest_distance(q, bank)
     torch.testing.assert_close(dist, d.min(1).values)
     assert torch.equal(index, d.argmin(1))
