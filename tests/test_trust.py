@@ -79,7 +79,9 @@ def test_malicious_checkpoint_is_refused_without_running_it(finished, tmp_path, 
         load_checkpoint(run)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "newer", "other-model", "missing"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "garbage", "pickle-garbage", "empty", "newer", "other-model", "missing"]
+)
 def test_broken_run_folders_give_one_line(finished, data, tmp_path, capsys, damage: str) -> None:
     run = copy_run(finished, tmp_path / damage)
     path = run / CHECKPOINT
@@ -87,6 +89,7 @@ def test_broken_run_folders_give_one_line(finished, data, tmp_path, capsys, dama
     expected = {
         "truncated": "truncated or corrupt",
         "garbage": "truncated or corrupt",
+        "pickle-garbage": "truncated or corrupt",
         "empty": "truncated or corrupt",
         "newer": "upgrade cavga",
         "other-model": "do not fit",
@@ -96,6 +99,10 @@ def test_broken_run_folders_give_one_line(finished, data, tmp_path, capsys, dama
         path.write_bytes(raw[: len(raw) // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif damage == "pickle-garbage":
+        # An old-style pickle that stores into its memo from an empty stack: the unpickler fails
+        # with an IndexError (random bytes sometimes do the same).
+        path.write_bytes(b"\x80\x02q\x00" + bytes(100))
     elif damage == "empty":
         path.write_bytes(b"")
     elif damage == "newer":

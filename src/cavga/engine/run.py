@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +105,8 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
                 "made by another program?)"
             ) from e
         raise RunError(f"cannot read {path}: the file is truncated or corrupt (not a checkpoint)") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:
+        # Damaged bytes can fail the unpickler in any way (IndexError, KeyError, struct.error, …).
         raise RunError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise RunError(f"{path} is not a cavga checkpoint (missing keys)")
