@@ -223,3 +223,34 @@ def test_gaussian_blur_is_torchvisions(shape, size, sigma):
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     expected = torchvision_blur(x, [size, size], [sigma, sigma])
     torch.testing.assert_close(gaussian_blur(x, size, sigma), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("values", [100_000, 1_000, 7])
+def test_a_streamed_tail_gives_the_quantile_of_the_whole(monkeypatch, values):
+    """Calibration streams the held-out maps: fed in uneven parts, `Tail` keeps about 1 % of the
+    values and returns exactly `quantile` of the whole, also when `quantile` subsamples (a strided
+    subsample is forced here with a small `QUANTILE_VALUES`)."""
+    from cavga.maps import common
+
+    monkeypatch.setattr(common, "QUANTILE_VALUES", values)
+    g = torch.Generator().manual_seed(0)
+    whole = torch.rand(37, 50, 30, generator=g) ** 3
+    whole[5, :3] = whole.max()  # ties at the top
+    tail = common.Tail(whole.numel(), 0.99)
+    for part in whole.split([1, 16, 16, 4]):
+        tail.update(part)
+    assert tail.value() == common.quantile(whole, 0.99)
+    assert len(tail.top) <= 0.011 * whole.numel() + 2
+
+
+def test_calibration_scales_are_the_held_out_99th_percentiles(setup):
+    """Each calibrated map's scale is the 99th percentile of its raw values on the held-out images,
+    as computed from all the held-out maps at once (calibration streams them)."""
+    from cavga.maps.common import quantile
+
+    model, cfg, _, calib, cal = setup
+    maker = MapMaker(model, cfg, cal, CPU)
+    raw = maker.raw(calib)
+    assert set(cal["scales"]) == {n for n in CALIBRATED if n != "paper"}
+    for name, scale in cal["scales"].items():
+        assert scale == pytest.approx(quantile(raw[name], 0.99) + 1e-12, rel=1e-6), name

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from cavga.config import TrainConfig
 from cavga.heap import release_free_memory
-from cavga.maps.common import Images, batches, forward, quantile, share
+from cavga.maps.common import Images, Tail, batches, forward, quantile, share
 from cavga.maps.memory import ImageMemory, global_score
 from cavga.maps.registry import MAPS, MapContext, available_maps
 from cavga.networks import CAVGA, MODELS
@@ -109,8 +109,12 @@ class MapMaker:
 
     def calibrated(self, res: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """From `raw` output: calibrated maps in [0, 1] and one score per map (`score/<map>`)."""
+        return self.final_scores(self.calibrated_maps(res))
+
+    def calibrated_maps(self, res: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """From `raw` output: calibrated maps in [0, 1] and each map's own score (`score/<map>`),
+        not yet fused with the whole-image score (see `final_scores`)."""
         res = dict(res)
-        norms = (self.cal or {}).get("score_norms", {})
         for name in self.maps:
             if name not in res:
                 continue
@@ -120,20 +124,35 @@ class MapMaker:
                 if name in self.scales:
                     r = res[name] / self.scales[name]
                     res[name] = r / (1 + r)
-                score = res.get(f"rawscore/{name}", res[name].flatten(1).amax(1))
-                if self.cfg.image_score == "fused" and name in norms:
-                    score = 0.5 * (
-                        _standard(score, norms[name]) + _standard(res["global_score"], norms["global"])
-                    )
-                res[f"score/{name}"] = score
+                res[f"score/{name}"] = res.get(f"rawscore/{name}", res[name].flatten(1).amax(1))
             else:
                 # The Grad-CAM maps are scaled per image (every image peaks at 1), so they take the
                 # paper's reconstruction-error score s_a.
                 res[f"score/{name}"] = res["residual_score"]
+        return self._own_as_paper(res)
+
+    def final_scores(self, res: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With `image_score = "fused"`, each calibrated map's score of `calibrated_maps` averaged
+        with the whole-image score, both standardised on the held-out normal images. Needs only the
+        scores and `global_score` of `res`, not the maps."""
+        res = dict(res)
+        norms = (self.cal or {}).get("score_norms", {})
+        if self.cfg.image_score == "fused":
+            for name in self.maps:
+                if MAPS[name].calibrated and name != "paper" and name in norms and f"score/{name}" in res:
+                    res[f"score/{name}"] = 0.5 * (
+                        _standard(res[f"score/{name}"], norms[name])
+                        + _standard(res["global_score"], norms["global"])
+                    )
+        return self._own_as_paper(res)
+
+    def _own_as_paper(self, res: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # A training-free anchor's own map is one of ours: report it calibrated, with its score.
         own = MODELS[self.model.name].paper_map
-        if own in MAPS and own in res:
-            # A training-free anchor's own map is one of ours: report it calibrated, with its score.
-            res["paper"], res["score/paper"] = res[own], res[f"score/{own}"]
+        if own in MAPS:
+            for key, alias in ((own, "paper"), (f"score/{own}", "score/paper")):
+                if key in res:
+                    res[alias] = res[key]
         return res
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -158,12 +177,6 @@ def _norm(scores: torch.Tensor) -> tuple[float, float]:
     mean = float(scores.mean())
     spread = float(scores.std()) if len(scores) > 1 else 0.0
     return mean, spread + 1e-3 * abs(mean) + 1e-12
-
-
-def _set_scales(cal: dict, joined: dict[str, torch.Tensor], names: list[str] | tuple[str, ...]) -> None:
-    for name in names:
-        if MAPS[name].calibrated and name != "paper" and name in joined:
-            cal["scales"][name] = quantile(joined[name], SCALE_QUANTILE) + 1e-12
 
 
 @torch.no_grad()
@@ -232,56 +245,47 @@ def calibrate(
         return None
     cal: dict = {"fitted": fitted, "scales": {}}
     maker = MapMaker(model, cfg, cal, device, maps)  # shares cal["scales"], filled below
-
-    def held_out() -> dict[str, torch.Tensor]:
-        # Written into tensors of the final size (a list of batches joined at the end held every map
-        # twice). Reconstructions are not calibrated: leaving them out keeps memory to the maps.
-        joined: dict[str, torch.Tensor] = {}
-        done = 0
-        for xb in batches(calib_images, cfg.batch_size):
-            for k, v in maker.raw(xb).items():
-                if k != "recon":
-                    if k not in joined:
-                        joined[k] = v.new_empty((len(calib_images), *v.shape[1:]))
-                    joined[k][done : done + len(v)] = v
-            done += len(xb)
-        return joined
-
-    joined = held_out()
-    derived = [n for n in maps if MAPS[n].after]
+    scaled = [n for n in maps if MAPS[n].calibrated and n != "paper"]
+    derived = [n for n in scaled if MAPS[n].after]
+    # The held-out maps are streamed, never held: a pass for the scales of the maps computed directly,
+    # one for the derived maps' (they need their parts' scales), then one with every scale known.
+    _set_scales(cal, maker, calib_images, cfg.batch_size, [n for n in scaled if n not in derived])
     if derived:
-        _set_scales(cal, joined, [n for n in maps if n not in derived])
-        del joined  # before the second pass, so the two are never held at once
-        joined = held_out()  # the derived maps, now that their parts' scales are known
-    _set_scales(cal, joined, maps)
-    first, _ = _scores_and_means(maker, joined, cfg.batch_size)  # peaks: no norms yet to fuse with
-    cal["score_norms"] = {"global": _norm(joined["global_score"])}
-    for name in maps:
-        if MAPS[name].calibrated and name != "paper":
-            cal["score_norms"][name] = _norm(first[f"score/{name}"])
-    scores, cal["mean_maps"] = _scores_and_means(maker, joined, cfg.batch_size, maps)
+        _set_scales(cal, maker, calib_images, cfg.batch_size, derived)
+    scores: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, torch.Tensor] = {}
+    for xb in batches(calib_images, cfg.batch_size):
+        for k, v in maker.calibrated_maps(maker.raw(xb)).items():
+            if k.startswith("score/") or k == "global_score":
+                scores.setdefault(k, []).append(v)
+            elif k in maps:
+                sums[k] = sums[k] + v.sum(0) if k in sums else v.sum(0)
+    own = {k: torch.cat(v) for k, v in scores.items()}
+    cal["mean_maps"] = {k: (v / len(calib_images)).cpu() for k, v in sums.items()}
+    cal["score_norms"] = {"global": _norm(own["global_score"])}
+    cal["score_norms"].update({n: _norm(own[f"score/{n}"]) for n in scaled if f"score/{n}" in own})
+    final = maker.final_scores(own)
     cal["image_thresholds"] = {
-        name: quantile(scores[f"score/{name}"], 1 - cfg.false_alarm_rate)
+        name: quantile(final[f"score/{name}"], 1 - cfg.false_alarm_rate)
         for name in maps
-        if f"score/{name}" in scores
+        if f"score/{name}" in final
     }
     return cal
 
 
-def _scores_and_means(
-    maker: MapMaker, raw: dict[str, torch.Tensor], chunk: int, maps: tuple[str, ...] = ()
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """`maker.calibrated` over the held-out images' raw output `chunk` images at a time (it works
-    per image): every image score, and the mean calibrated map of each of `maps`. Calibrating all at
-    once held two more copies of every map; this holds one chunk's."""
-    n = len(raw["global_score"])
-    scores: dict[str, list[torch.Tensor]] = {}
-    sums: dict[str, torch.Tensor] = {}
-    for i in range(0, n, chunk):
-        part = maker.calibrated({k: v[i : i + chunk] for k, v in raw.items()})
-        for k, v in part.items():
-            if k.startswith("score/"):
-                scores.setdefault(k, []).append(v)
-            elif k in maps:
-                sums[k] = sums[k] + v.sum(0) if k in sums else v.sum(0)
-    return {k: torch.cat(v) for k, v in scores.items()}, {k: (s / n).cpu() for k, s in sums.items()}
+def _set_scales(
+    cal: dict, maker: MapMaker, images: Images, batch_size: int, names: list[str] | tuple[str, ...]
+) -> None:
+    """Each of `names`' scale: the `SCALE_QUANTILE` of its raw values over `images` (one pass)."""
+    if not names:
+        return
+    tails: dict[str, Tail] = {}
+    for xb in batches(images, batch_size):
+        res = maker.raw(xb)
+        for name in names:
+            if name in res:
+                if name not in tails:
+                    tails[name] = Tail(len(images) * res[name][0].numel(), SCALE_QUANTILE)
+                tails[name].update(res[name])
+    for name, tail in tails.items():
+        cal["scales"][name] = tail.value() + 1e-12

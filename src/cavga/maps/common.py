@@ -88,11 +88,44 @@ def gaussian_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     return F.conv2d(F.conv2d(x, taps.view(1, 1, 1, size)), taps.view(1, 1, size, 1))
 
 
+# torch.quantile refuses very large inputs; a strided subsample of about this many values is plenty.
+QUANTILE_VALUES = 4_000_000
+
+
 def quantile(t: torch.Tensor, q: float) -> float:
     """The q-quantile of every value of `t`."""
-    # torch.quantile refuses very large inputs; a strided subsample of ≤ 4M values is plenty.
     flat = t.flatten().float()
-    return float(torch.quantile(flat[:: max(1, flat.numel() // 4_000_000)], q))
+    return float(torch.quantile(flat[:: max(1, flat.numel() // QUANTILE_VALUES)], q))
+
+
+class Tail:
+    """`quantile` of a stream of tensors whose total number of values is known, without holding them:
+    only the largest values, as many as the quantile's interpolation can reach, are kept. Fed the
+    parts of a tensor in order, `value()` equals `quantile` of the whole tensor exactly."""
+
+    def __init__(self, total: int, q: float):
+        self.q, self.seen = q, 0
+        self.stride = max(1, total // QUANTILE_VALUES)
+        self.n = len(range(0, total, self.stride))  # values `quantile` would sort
+        # Values at or above the lower interpolation point, plus two against rounding in its rank.
+        self.keep = min(self.n, self.n - math.floor(q * (self.n - 1)) + 2)
+        self.top = torch.empty(0)
+
+    def update(self, t: torch.Tensor) -> None:
+        """The next part of the stream (flattened in order, as `quantile` flattens the whole)."""
+        flat = t.detach().flatten().float().cpu()
+        picked = flat[(-self.seen) % self.stride :: self.stride]
+        self.seen += flat.numel()
+        both = torch.cat([self.top, picked])
+        self.top = both.topk(min(self.keep, len(both)), sorted=False).values
+
+    def value(self) -> float:
+        """The quantile of everything fed so far (all `total` values)."""
+        if self.seen == 0:
+            raise ValueError("Tail.value: nothing was fed")
+        # The values below the kept ones only fill positions the interpolation does not read.
+        fill = self.top.min().expand(self.n - len(self.top))
+        return float(torch.quantile(torch.cat([fill, self.top]), self.q))
 
 
 def layer(out: ModelOutput, name: str, pool: int = 1) -> torch.Tensor:
