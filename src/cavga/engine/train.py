@@ -37,6 +37,7 @@ from cavga.engine.run import (
     write_json,
 )
 from cavga.errors import DataError, RunError
+from cavga.heap import release_free_memory
 from cavga.losses import (
     classifier_loss,
     complementary_guided_attention_loss,
@@ -409,6 +410,7 @@ def train(
             "n_calib": len(data.calib),
         },
     )
+    release_free_memory()  # calibration's freed buffers, before the checkpoint is read back
     finished = load_checkpoint(run)  # the state saved before calibration, optimisers included
     finished["calibration"] = calibration
     save_checkpoint(run / CHECKPOINT, finished)
@@ -473,6 +475,9 @@ def train_step(
     def step(opt: torch.optim.Optimizer) -> None:
         scaler.step(opt) if scaler is not None else opt.step()
 
+    # The last step's gradients go now, not just before this backward: held through the forward
+    # they would sit on top of its activations, the step's peak of memory.
+    opt_g.zero_grad(set_to_none=True)
     with autocast:
         out = generator(x, noise=noise)  # z sampled
     zero = torch.zeros((), device=x.device)
@@ -509,7 +514,6 @@ def train_step(
     loss = sum(w * terms[k] for k, w in weights.items()) + cfg.w_cga * terms["cga"]
     # Terms summed over the batch (cfg.reduction "sum") are summed over the global batch, as by one process.
     scaled = loss + (sum_scale - 1) * (cfg.w_rec * terms["rec"] + cfg.w_kl * terms["kl"])
-    opt_g.zero_grad(set_to_none=True)
     backward(scaled)
     step(opt_g)
     if scaler is not None:
