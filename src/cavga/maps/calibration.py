@@ -276,12 +276,14 @@ def calibrate(
 def _set_scales(
     cal: dict, maker: MapMaker, images: Images, batch_size: int, names: list[str] | tuple[str, ...]
 ) -> None:
-    """Each of `names`' scale: the `SCALE_QUANTILE` of its raw values over `images` (one pass)."""
+    """Each of `names`' scale: the `SCALE_QUANTILE` of its raw values over `images` (one pass that
+    computes only these maps and their parts: no attention, no other map)."""
     if not names:
         return
+    only = MapMaker(maker.model, maker.cfg, maker.cal, maker.device, tuple(names), attention=False)
     tails: dict[str, Tail] = {}
     for xb in batches(images, batch_size):
-        res = maker.raw(xb)
+        res = only.raw(xb)
         for name in names:
             if name in res:
                 if name not in tails:
