@@ -52,17 +52,21 @@ def test_coreset_radius_shrinks_as_more_points_are_kept():
     assert radii[0] > radii[1] > radii[2]
 
 
-def test_chunked_nearest_distance_equals_the_brute_force_one(monkeypatch):
-    """Splitting the queries and the bank's squared norms into chunks (forced tiny here) changes
-    nothing."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_nearest_distance_equals_the_brute_force_one(monkeypatch, dtype):
+    """Splitting the bank into blocks of rows and the queries into chunks (forced tiny here) changes
+    nothing, a tie goes to the earlier row as with `argmin`, and a half-precision bank gives the
+    distances to its rows widened."""
     g = torch.Generator().manual_seed(0)
-    q, bank = torch.randn(37, 5, generator=g), torch.randn(23, 5, generator=g)
-    d = torch.cdist(q, bank)
-    monkeypatch.setattr(memory_module, "CHUNK_ELEMENTS", 50)  # two queries per chunk
-    monkeypatch.setattr(memory_module, "SQUARES_ELEMENTS", 20)  # four bank rows per chunk
+    q, bank = torch.randn(37, 5, generator=g), torch.randn(23, 5, generator=g).to(dtype)
+    bank[17] = bank[2]  # the same row in another block, nearest to the first query
+    q[0] = bank[2].float() + 0.01
+    d = torch.cdist(q, bank.float())
+    monkeypatch.setattr(memory_module, "CHUNK_ELEMENTS", 8)  # two queries per chunk of 4 rows
+    monkeypatch.setattr(memory_module, "SQUARES_ELEMENTS", 20)  # four bank rows per block
     dist, index = nearest_distance(q, bank)
     torch.testing.assert_close(dist, d.min(1).values)
-    assert torch.equal(index, d.argmin(1))
+    assert torch.equal(index, d.argmin(1)) and index[0] == 2 and 17 not in index
 
 
 def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -102,18 +106,21 @@ def test_memory_map_is_the_raw_patch_distance_to_the_nearest_training_patch(anch
 
 def test_nearest_image_map_and_score(anchor):
     """The nearest-image score is the RMS distance of the standardised image to the nearest standardised
-    training image, and the map is their absolute difference; a training image scores 0."""
+    training image (kept in half precision), and the map is their absolute difference; a training
+    image scores 0 up to that rounding."""
     model, cfg, train, _, cal = anchor
     maker = MapMaker(model, cfg, cal, CPU, maps=("nearest-image",))
-    assert maker.raw(train[2:3])["rawscore/nearest-image"].item() < 1e-4
+    assert cal["fitted"]["nearest-image"]["images"].dtype == memory_module.BANK_DTYPE == torch.float16
+    assert maker.raw(train[2:3])["rawscore/nearest-image"].item() < 5e-4  # fp16: 2.4e-4 of each value
     x = 1 - train[:1]
     res = maker.raw(x)
     std = lambda t: (t - t.mean()) / (t.std() + 1e-6)  # noqa: E731
-    dists = torch.stack([(std(x[0]) - std(t)).pow(2).mean().sqrt() for t in train])
+    kept = lambda t: std(t).to(memory_module.BANK_DTYPE).float()  # noqa: E731
+    dists = torch.stack([(std(x[0]) - kept(t)).pow(2).mean().sqrt() for t in train])
     torch.testing.assert_close(res["rawscore/nearest-image"][0], dists.min(), rtol=1e-4, atol=1e-5)
     nearest = train[int(dists.argmin())]
     torch.testing.assert_close(
-        res["nearest-image"][0], (std(x[0]) - std(nearest)).abs()[0], atol=1e-4, rtol=1e-4
+        res["nearest-image"][0], (std(x[0]) - kept(nearest)).abs()[0], atol=1e-4, rtol=1e-4
     )
 
 

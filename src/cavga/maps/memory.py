@@ -27,7 +27,11 @@ from cavga.networks import CAVGA, ModelOutput
 from cavga.networks.anchor import standardize
 
 CHUNK_ELEMENTS = 1 << 22  # distances held at once in `nearest_distance` (16 MB; 64 MB was slower)
-SQUARES_ELEMENTS = 1 << 20  # bank values squared at once in `nearest_distance` (4 MB)
+SQUARES_ELEMENTS = 1 << 20  # bank values widened and squared at once in `nearest_distance` (4 MB)
+# The whole-image banks hold every training image, so they are kept in half precision: half the
+# memory and checkpoint size, and its rounding (about 5e-4 of each value) is far below the 8-bit
+# quantisation of the images they come from.
+BANK_DTYPE = torch.float16
 NEAREST_IMAGE_SIZE = 64  # the nearest-image map compares images at most this size (pixels per side)
 GLOBAL_PIXELS = 32  # the whole-image embedding's pixel part, at most this size per side
 GLOBAL_GRID = 4  # the whole-image embedding pools each stage to GLOBAL_GRID × GLOBAL_GRID
@@ -65,22 +69,33 @@ def greedy_coreset(features: torch.Tensor, n: int, seed: int = 0) -> tuple[torch
 def nearest_distance(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance (Q,) from each query row (Q, D) to its nearest bank row (M, D), and that row's index.
 
-    The nearest row is found with the fast |q|² − 2 q·b + |b|² form, whose cancellation costs
-    about 1e-4 of relative precision; its distance is then computed exactly as |q − b|, so PyTorch
-    and an exported graph agree to float rounding.
+    The bank may be stored in half precision (`BANK_DTYPE`); it is widened a block of rows at a time,
+    so no full-precision copy of it is ever made. The nearest row is found with the fast
+    |q|² − 2 q·b + |b|² form, whose cancellation costs about 1e-4 of relative precision; its distance
+    is then computed exactly as |q − b|, so PyTorch and an exported graph agree to float rounding.
     """
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    query = query.to(dtype)
     if torch.onnx.is_in_onnx_export():
         # An exported graph has a dynamic batch, so no Python loop over chunks: all Q × M at once.
-        index = (bank.pow(2).sum(1) - 2 * query @ bank.T).argmin(1)
+        wide = bank.to(dtype)
+        index = (wide.pow(2).sum(1) - 2 * query @ wide.T).argmin(1)
     else:
-        step = max(1, CHUNK_ELEMENTS // max(1, len(bank)))
+        # A block of bank rows at a time (|q|² is the same for every row, so it is left out), each
+        # query chunk's products updated in place: one buffer of a chunk's size, never the bank
+        # squared or widened whole (a whole-image bank of 3,000 colour images is 74 MB).
         rows = max(1, SQUARES_ELEMENTS // max(1, bank.shape[1]))
-        # |q|² is the same for every bank row, so it is left out. |b|² is summed a chunk of rows at a
-        # time and each chunk's products updated in place: one buffer of a chunk's size, not three
-        # (a whole-image bank of 3,000 colour images is 150 MB; `bank.pow(2)` alone would copy it).
-        bank_sq = torch.cat([b.pow(2).sum(1) for b in bank.split(rows)])
-        index = torch.cat([(q @ bank.T).mul_(-2).add_(bank_sq).argmin(1) for q in query.split(step)])
-    return (query - bank[index]).norm(dim=1), index
+        step = max(1, CHUNK_ELEMENTS // min(rows, max(1, len(bank))))
+        best = torch.full((len(query),), torch.inf, dtype=dtype, device=query.device)
+        index = torch.zeros(len(query), dtype=torch.long, device=query.device)
+        for start in range(0, len(bank), rows):
+            block = bank[start : start + rows].to(dtype)
+            block_sq = block.pow(2).sum(1)
+            for q, b, i in zip(query.split(step), best.split(step), index.split(step), strict=True):
+                value, at = (q @ block.T).mul_(-2).add_(block_sq).min(1)
+                closer = value < b  # strictly: a tie keeps the earlier row, as `argmin` does
+                b[closer], i[closer] = value[closer], at[closer] + start
+    return (query - bank[index].to(dtype)).norm(dim=1), index
 
 
 def memory_features(out: ModelOutput, cfg: TrainConfig) -> torch.Tensor:
@@ -132,13 +147,14 @@ def _small(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class NearestImageFitter(Fitter):
-    """Every training image, standardised, at most `NEAREST_IMAGE_SIZE` pixels per side."""
+    """Every training image, standardised, at most `NEAREST_IMAGE_SIZE` pixels per side, in
+    `BANK_DTYPE`."""
 
     def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int = 0):
         self.parts: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor, out: ModelOutput) -> None:
-        self.parts.append(_small(x, NEAREST_IMAGE_SIZE).cpu())
+        self.parts.append(_small(x, NEAREST_IMAGE_SIZE).to(BANK_DTYPE).cpu())
 
     def finish(self) -> dict:
         return {"images": join(self.parts)}
@@ -184,7 +200,7 @@ class ImageMemory(Fitter):
     """The whole-image embeddings of the normal training images. Each block is centred on the training
     mean and divided by its root total variance over the training images, so pixels and each stage
     weigh the same in the distance while each keeps its own geometry (the pixel block alone is a
-    plain nearest neighbour on standardised images)."""
+    plain nearest neighbour on standardised images). The bank is kept in `BANK_DTYPE`."""
 
     def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int = 0):
         self.cfg = cfg
@@ -207,7 +223,7 @@ class ImageMemory(Fitter):
             state["mean"].append(block.mean(0))
             state["scale"].append(spread + 1e-6)
             block.sub_(state["mean"][-1]).div_(state["scale"][-1])
-        state["bank"] = bank
+        state["bank"] = bank.to(BANK_DTYPE)
         return state
 
 
