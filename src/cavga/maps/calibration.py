@@ -17,16 +17,18 @@ import torch
 import torch.distributed as dist
 
 from cavga.config import TrainConfig
-from cavga.heap import release_free_memory
+from cavga.heap import release_free_memory, trimming
 from cavga.maps.common import Images, Tail, batches, forward, quantile, share
 from cavga.maps.memory import ImageMemory, global_score
 from cavga.maps.registry import MAPS, MapContext, available_maps
 from cavga.networks import CAVGA, MODELS
 
 SCALE_QUANTILE = 0.99
-# Fitting gives freed heap pages back to the system every this many batches: the fitters' small
-# lasting tensors sit between freed activation buffers, which then stay resident (cavga.heap).
-TRIM_EVERY = 16
+# Every pass over images gives freed heap pages back to the system every this many batches: the
+# fitters' small lasting tensors sit between freed activation buffers, and each batch's buffers land
+# on other free pages of the fragmented heap, which then stay resident (cavga.heap). Without it the
+# held-out passes of a 3,000-image run grew resident memory by 350 MB, the heap's use by 8 MB.
+TRIM_EVERY = 4
 CALIBRATED = tuple(n for n, s in MAPS.items() if s.calibrated)
 
 
@@ -200,13 +202,11 @@ def fit_normal_states(
     fitters = {n: MAPS[n].fitter(model, cfg, len(images)) for n in maps if MAPS[n].fitter is not None}
     fitters["image-memory"] = ImageMemory(model, cfg, len(images))
     release_free_memory()  # what training's buffers left in the heap, before the fitters add to it
-    for i, xb in enumerate(batches(share(images, rank, world_size), cfg.batch_size)):
+    for xb in trimming(batches(share(images, rank, world_size), cfg.batch_size), TRIM_EVERY):
         xb = xb.to(device)
         out = forward(model, cfg, xb, features_only=True)
         for f in fitters.values():
             f.update(xb, out)
-        if i % TRIM_EVERY == TRIM_EVERY - 1:
-            release_free_memory()
     if world_size > 1:
         gathered: list | None = [None] * world_size if rank == 0 else None
         dist.gather_object({n: f.accumulated() for n, f in fitters.items()}, gathered, dst=0)
@@ -254,7 +254,7 @@ def calibrate(
         _set_scales(cal, maker, calib_images, cfg.batch_size, derived)
     scores: dict[str, list[torch.Tensor]] = {}
     sums: dict[str, torch.Tensor] = {}
-    for xb in batches(calib_images, cfg.batch_size):
+    for xb in trimming(batches(calib_images, cfg.batch_size), TRIM_EVERY):
         for k, v in maker.calibrated_maps(maker.raw(xb)).items():
             if k.startswith("score/") or k == "global_score":
                 scores.setdefault(k, []).append(v)
@@ -282,7 +282,7 @@ def _set_scales(
         return
     only = MapMaker(maker.model, maker.cfg, maker.cal, maker.device, tuple(names), attention=False)
     tails: dict[str, Tail] = {}
-    for xb in batches(images, batch_size):
+    for xb in trimming(batches(images, batch_size), TRIM_EVERY):
         res = only.raw(xb)
         for name in names:
             if name in res:
