@@ -35,8 +35,8 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def release_free_memory() -> None:
-    """Give the heap's free pages back to the system (between training and calibration, and every
-    few batches while the normal states are fitted)."""
+    """Give the heap's free pages back to the system (after every training step, and every few
+    batches of every calibration pass)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -347,7 +347,7 @@ def train(
                 )
                 step += 1
                 # The step's freed buffers, given back: a 3,000-image run peaked 46 MB lower, and 40
-                # steps took 98.6-101.3 s against 95.0-100.0 s without (2 rounds, AMD EPYC Zen 3).
+                # steps took 98.6-101.3 s against 95.0-100.0 s without (3 rounds, AMD EPYC Zen 3).
                 release_free_memory()
                 bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
                 if bad:
