@@ -141,7 +141,8 @@ class MapMaker:
         norms = (self.cal or {}).get("score_norms", {})
         if self.cfg.image_score == "fused":
             for name in self.maps:
-                if MAPS[name].calibrated and name != "paper" and name in norms and f"score/{name}" in res:
+                # Norms exist for the calibrated maps other than `paper` (and "global", not a map).
+                if name in norms and f"score/{name}" in res:
                     res[f"score/{name}"] = 0.5 * (
                         _standard(res[f"score/{name}"], norms[name])
                         + _standard(res["global_score"], norms["global"])
