@@ -1,0 +1,112 @@
+"""Experiment: teach the encoder's first stages what a local defect is, from good images only.
+
+ResNet-18's stem, layer1 and layer2 (the stages at stride 4 and 8 that the `memory` map, the
+`latent-stats` map and the whole-image score read) and a small 1×1 head on their 3×3-pooled features
+are trained to segment the synthetic anomalies of `cavga.data.synthetic` per stride-4 cell (BCE, the
+positive cells weighted up), on each image standardised as the maps see it. No real anomaly is read:
+the images are `train/good` less the held-out calibration images of `cavga train` with the same
+`--seed` and `--image-size`. The result is a torchvision-format ResNet-18 state dict (layer3 and
+layer4 as initialised) for
+
+    python scripts/synthetic_pretrain.py --data DIR --category C --out enc.pt
+    cavga train --data DIR --category C --weights enc.pt --steps 1 --out RUN && cavga test RUN
+
+Measured in docs/method.md ("Experiment: the encoder trained to segment synthetic anomalies").
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cavga.config import make_config
+from cavga.data.synthetic import synthesize
+from cavga.engine.train import load_train_data
+from cavga.maps.common import layer
+from cavga.networks.anchor import standardize
+from cavga.networks.model import ModelOutput
+from cavga.networks.resnet import ResNetEncoder
+
+TRAINED = 2  # layer1 and layer2: the stride-4 and stride-8 stages
+
+
+def pooled_stages(enc: ResNetEncoder, x: torch.Tensor) -> torch.Tensor:
+    """The memory map's input: s4 and s8 (3×3-averaged, s8 upsampled to s4's grid), stacked."""
+    h = enc.stem((x.repeat(1, enc.repeat, 1, 1) - enc.mean) / enc.std)
+    feats = {}
+    for stride, stage in zip((4, 8), enc.layers[:TRAINED], strict=True):
+        h = stage(h)
+        feats[stride] = h
+    out = ModelOutput(feats, h, None, None, None, None, None)
+    s4, s8 = layer(out, "s4", 3), layer(out, "s8", 3)
+    return torch.cat([s4, F.interpolate(s8, size=s4.shape[-2:], mode="bilinear", align_corners=False)], 1)
+
+
+def torchvision_names(enc: ResNetEncoder) -> dict[str, torch.Tensor]:
+    """The encoder's state dict under torchvision's ResNet-18 names (what `--weights FILE` reads)."""
+    renamed = {}
+    for key, value in enc.state_dict().items():
+        if key.startswith("stem.0."):
+            renamed["conv1." + key.removeprefix("stem.0.")] = value
+        elif key.startswith("stem.1."):
+            renamed["bn1." + key.removeprefix("stem.1.")] = value
+        elif key.startswith("layers."):
+            index, rest = key.removeprefix("layers.").split(".", 1)
+            renamed[f"layer{int(index) + 1}.{rest}"] = value
+    return renamed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--category")
+    ap.add_argument("--out", required=True, help="the state dict to write")
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--synthetic", type=float, default=0.5, help="share of images given an anomaly")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    cfg = make_config(image_size=args.image_size, seed=args.seed, batch_size=args.batch_size)
+    data = load_train_data(args.data, args.category, cfg)
+    enc = ResNetEncoder(data.channels)
+    width = 64 + 128
+    head = nn.Sequential(nn.Conv2d(width, 64, 1), nn.ReLU(True), nn.Conv2d(64, 1, 1))
+    trained = [*enc.stem.parameters(), *(p for stage in enc.layers[:TRAINED] for p in stage.parameters())]
+    opt = torch.optim.Adam([*trained, *head.parameters()], lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    order = (
+        torch.randint(0, len(data.train), (args.batch_size,), generator=gen).tolist()
+        for _ in range(args.steps)
+    )
+    enc.train()
+    t0, smooth = time.perf_counter(), None
+    for step, x in enumerate(data.train.take(order), 1):
+        x_aug, mask = synthesize(x, gen, args.synthetic)
+        logits = head(pooled_stages(enc, standardize(x_aug)))
+        # A cell is anomalous if any of its pixels is; the rare anomalous cells are weighted up.
+        target = F.adaptive_max_pool2d(mask[:, None], logits.shape[-2:])
+        share = target.mean().clamp_min(1e-3)
+        weight = ((1 - share) / share).clamp(max=20)
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        if step % 50 == 0 or step == args.steps:
+            seconds = time.perf_counter() - t0
+            rate = step * args.batch_size / seconds
+            print(f"step {step}/{args.steps}  loss {smooth:.4f}  {seconds:.0f} s  {rate:.1f} images/s")
+    torch.save(torchvision_names(enc), args.out)
+    print(f"wrote {args.out}: use it with cavga train --weights {args.out}")
+
+
+if __name__ == "__main__":
+    main()
