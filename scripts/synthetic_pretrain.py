@@ -17,6 +17,7 @@ Measured in docs/method.md ("Experiment: the encoder trained to segment syntheti
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -85,12 +86,20 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--synthetic", type=float, default=0.5, help="share of images given an anomaly")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--keep",
+        type=float,
+        default=0.0,
+        help="weight of a term holding the unaltered cells' features near the initial encoder's",
+    )
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     cfg = make_config(image_size=args.image_size, seed=args.seed, batch_size=args.batch_size)
     data = load_train_data(args.data, args.category, cfg)
     enc = ResNetEncoder(data.channels)
+    # The initial encoder normalises with batch statistics, as the trained one does while it trains.
+    initial = copy.deepcopy(enc).requires_grad_(False) if args.keep > 0 else None
     width = 64 + 128
     head = nn.Sequential(nn.Conv2d(width, 64, 1), nn.ReLU(True), nn.Conv2d(64, 1, 1))
     trained = [*enc.stem.parameters(), *(p for stage in enc.layers[:TRAINED] for p in stage.parameters())]
@@ -104,12 +113,21 @@ def main() -> None:
     t0, smooth = time.perf_counter(), None
     for step, x in enumerate(data.train.take(order), 1):
         x_aug, mask = synthesize(x, gen, args.synthetic)
-        logits = head(pooled_stages(enc, standardize(x_aug)))
+        feats = pooled_stages(enc, standardize(x_aug))
+        logits = head(feats)
         # A cell is anomalous if any of its pixels is; the rare anomalous cells are weighted up.
         target = F.adaptive_max_pool2d(mask[:, None], logits.shape[-2:])
         share = target.mean().clamp_min(1e-3)
         weight = ((1 - share) / share).clamp(max=20)
         loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+        if initial is not None:
+            # What a random encoder carries (a digit's shape, a texture's statistics) stays where
+            # nothing was altered: the relative squared change of the features there.
+            with torch.no_grad():
+                before = pooled_stages(initial, standardize(x_aug))
+            keep = 1 - target
+            change = ((feats - before) ** 2 * keep).sum() / ((before**2) * keep).sum().clamp_min(1e-6)
+            loss = loss + args.keep * change
         opt.zero_grad()
         loss.backward()
         opt.step()
