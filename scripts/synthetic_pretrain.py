@@ -6,7 +6,7 @@ are trained to segment the synthetic anomalies of `cavga.data.synthetic` per str
 positive cells weighted up), on each image standardised as the maps see it. No real anomaly is read:
 the images are `train/good` less the held-out calibration images of `cavga train` with the same
 `--seed` and `--image-size`. The result is a torchvision-format ResNet-18 state dict (layer3 and
-layer4 as initialised) for
+layer4 as initialised; the head goes beside it, in FILE.head) for
 
     python scripts/synthetic_pretrain.py --data DIR --category C --out enc.pt
     cavga train --data DIR --category C --weights enc.pt --steps 1 --out RUN && cavga test RUN
