@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cavga.config import make_config
+from cavga.config import TrainConfig, make_config
 from cavga.data.synthetic import synthesize
 from cavga.engine.train import load_train_data
-from cavga.maps.common import layer
+from cavga.maps.memory import memory_features
 from cavga.networks.anchor import standardize
 from cavga.networks.model import ModelOutput
 from cavga.networks.resnet import ResNetEncoder
@@ -35,16 +35,15 @@ from cavga.networks.resnet import ResNetEncoder
 TRAINED = 2  # layer1 and layer2: the stride-4 and stride-8 stages
 
 
-def pooled_stages(enc: ResNetEncoder, x: torch.Tensor) -> torch.Tensor:
-    """The memory map's input: s4 and s8 (3×3-averaged, s8 upsampled to s4's grid), stacked."""
+def pooled_stages(enc: ResNetEncoder, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The memory map's input (`memory_features`: s4 and s8, 3×3-averaged, stacked on s4's grid).
+    The encoder runs only up to the trained stages: layer3 and layer4 are not needed here."""
     h = enc.stem((x.repeat(1, enc.repeat, 1, 1) - enc.mean) / enc.std)
     feats = {}
     for stride, stage in zip((4, 8), enc.layers[:TRAINED], strict=True):
         h = stage(h)
         feats[stride] = h
-    out = ModelOutput(feats, h, None, None, None, None, None)
-    s4, s8 = layer(out, "s4", 3), layer(out, "s8", 3)
-    return torch.cat([s4, F.interpolate(s8, size=s4.shape[-2:], mode="bilinear", align_corners=False)], 1)
+    return memory_features(ModelOutput(feats, h, None, None, None, None, None), cfg)
 
 
 def torchvision_names(enc: ResNetEncoder) -> dict[str, torch.Tensor]:
@@ -61,7 +60,9 @@ def torchvision_names(enc: ResNetEncoder) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def held_out_detection(enc: ResNetEncoder, head: nn.Module, images: torch.Tensor, seed: int) -> float:
+def held_out_detection(
+    enc: ResNetEncoder, head: nn.Module, images: torch.Tensor, cfg: TrainConfig, seed: int
+) -> float:
     """Cell AUROC of the head on synthetic anomalies (one per image, seeded) made on the held-out
     normal images, which training never saw: whether the stages learned to tell an altered cell.
     Needs no real anomaly."""
@@ -70,7 +71,7 @@ def held_out_detection(enc: ResNetEncoder, head: nn.Module, images: torch.Tensor
     x_aug, mask = synthesize(images, torch.Generator().manual_seed(seed), 1.0)
     enc.eval()
     with torch.no_grad():
-        logits = head(pooled_stages(enc, standardize(x_aug)))
+        logits = head(pooled_stages(enc, standardize(x_aug), cfg))
     target = F.adaptive_max_pool2d(mask[:, None], logits.shape[-2:])
     return float(roc_auc_score(target.flatten().numpy(), logits.flatten().numpy()))
 
@@ -113,7 +114,7 @@ def main() -> None:
     t0, smooth = time.perf_counter(), None
     for step, x in enumerate(data.train.take(order), 1):
         x_aug, mask = synthesize(x, gen, args.synthetic)
-        feats = pooled_stages(enc, standardize(x_aug))
+        feats = pooled_stages(enc, standardize(x_aug), cfg)
         logits = head(feats)
         # A cell is anomalous if any of its pixels is; the rare anomalous cells are weighted up.
         target = F.adaptive_max_pool2d(mask[:, None], logits.shape[-2:])
@@ -124,7 +125,7 @@ def main() -> None:
             # What a random encoder carries (a digit's shape, a texture's statistics) stays where
             # nothing was altered: the relative squared change of the features there.
             with torch.no_grad():
-                before = pooled_stages(initial, standardize(x_aug))
+                before = pooled_stages(initial, standardize(x_aug), cfg)
             keep = 1 - target
             change = ((feats - before) ** 2 * keep).sum() / ((before**2) * keep).sum().clamp_min(1e-6)
             loss = loss + args.keep * change
@@ -139,9 +140,8 @@ def main() -> None:
     torch.save(torchvision_names(enc), args.out)
     torch.save(head.state_dict(), args.out + ".head")
     held_out = torch.cat(list(data.calib.batches(64)))
-    print(
-        f"held-out synthetic-anomaly cell AUROC: {held_out_detection(enc, head, held_out, args.seed + 1):.3f}"
-    )
+    detection = held_out_detection(enc, head, held_out, cfg, args.seed + 1)
+    print(f"held-out synthetic-anomaly cell AUROC: {detection:.3f}")
     print(f"wrote {args.out}: use it with cavga train --weights {args.out}")
 
 
