@@ -88,6 +88,12 @@ def main() -> None:
     ap.add_argument("--synthetic", type=float, default=0.5, help="share of images given an anomaly")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--first",
+        choices=("stem", "layer1", "layer2"),
+        default="stem",
+        help="the first part trained; the parts before it keep their random weights",
+    )
+    ap.add_argument(
         "--keep",
         type=float,
         default=0.0,
@@ -103,7 +109,12 @@ def main() -> None:
     initial = copy.deepcopy(enc).requires_grad_(False) if args.keep > 0 else None
     width = 64 + 128
     head = nn.Sequential(nn.Conv2d(width, 64, 1), nn.ReLU(True), nn.Conv2d(64, 1, 1))
-    trained = [*enc.stem.parameters(), *(p for stage in enc.layers[:TRAINED] for p in stage.parameters())]
+    parts = {"stem": enc.stem, "layer1": enc.layers[0], "layer2": enc.layers[1]}
+    names = list(parts)
+    for name in names[: names.index(args.first)]:
+        # Frozen parts still update their BatchNorm statistics, as in the random encoder's one step.
+        parts[name].requires_grad_(False)
+    trained = [p for name in names[names.index(args.first) :] for p in parts[name].parameters()]
     opt = torch.optim.Adam([*trained, *head.parameters()], lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     order = (
