@@ -50,6 +50,7 @@ def _train_args(args: argparse.Namespace) -> dict:
         "image_score": args.image_score,
         "feature_input": args.feature_input,
         "precision": args.precision,
+        "pretrain_steps": args.pretrain_steps,
     }
 
 
@@ -167,6 +168,13 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+PRETRAIN_HELP = (
+    "ResNet models: first train the encoder stages the memory map reads to mark synthetic anomalies of "
+    "the normal images, for N steps (default 0: none; about 1,000 where it pays: solar-cell cracks, "
+    "not digits or grass; see docs/method.md)"
+)
+
+
 def _add_run_settings(p: argparse.ArgumentParser, what: str) -> None:
     """The training settings and output options `compare` and `benchmark` share (see `_given`)."""
     p.add_argument("--preset", default="default")
@@ -176,6 +184,7 @@ def _add_run_settings(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--image-score", choices=("peak", "fused"), default=None, help="image score (see `cavga train`)"
     )
+    p.add_argument("--pretrain-steps", type=int, default=None, help=PRETRAIN_HELP)
     p.add_argument("--out", required=True, help=f"output folder; a stopped {what} resumes there")
     p.add_argument("--quiet", action="store_true")
 
@@ -191,7 +200,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.seeds,
         progress=not args.quiet,
         maps=tuple(parse_list(args.maps)),
-        **_given(args, "preset", "image_size", "steps", "batch_size", "device", "image_score"),
+        **_given(
+            args, "preset", "image_size", "steps", "batch_size", "device", "image_score", "pretrain_steps"
+        ),
     )
     out = Path(args.out)
     print((out / "compare.md").read_text())
@@ -212,7 +223,17 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         seed=args.seed,
         download=args.download,
         progress=not args.quiet,
-        **_given(args, "preset", "image_size", "steps", "epochs", "batch_size", "device", "image_score"),
+        **_given(
+            args,
+            "preset",
+            "image_size",
+            "steps",
+            "epochs",
+            "batch_size",
+            "device",
+            "image_score",
+            "pretrain_steps",
+        ),
     )
     out = Path(args.out)
     print((out / "benchmark.md").read_text())
@@ -379,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the maps' encoder features see: each image standardised first (default; measured "
         "better on solar cells, textures and digits, see docs/method.md) or the image as it is (raw)",
     )
+    t.add_argument("--pretrain-steps", type=int, default=None, help=PRETRAIN_HELP)
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument(
         "--precision",

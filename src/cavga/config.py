@@ -69,6 +69,10 @@ class TrainConfig:
     # Weakly supervised models: this fraction of the anomalous test images (seeded, at least one) moves
     # into training with its image label only, unless `anomalous_dir` gives the user's own.
     weak_fraction: float = 0.02
+    # Encoder pre-training (ResNet models; 0: none): steps of `batch_size` normal images with synthetic
+    # anomalies in which the stages the memory map reads learn to mark them, before the CAVGA steps
+    # (cavga.engine.pretrain; measured in docs/method.md: helps cracks, hurts digits and grass)
+    pretrain_steps: int = 0
     # Self-supervised models: the probability that a training image gets a synthetic anomaly
     synthetic: float = 0.0
     anomalous_dir: str | None = None

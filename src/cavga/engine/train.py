@@ -7,11 +7,12 @@ import csv
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from cavga.attention import attention_expansion_loss, class_attention, latent_attention
@@ -27,6 +28,7 @@ from cavga.data import (
 )
 from cavga.data.stream import ImageSource, default_workers, scan
 from cavga.engine import distributed
+from cavga.engine.pretrain import PRETRAIN_LR, Segmenter, pretrain_stages, segmentation_loss
 from cavga.engine.run import (
     CHECKPOINT,
     build_model,
@@ -48,7 +50,7 @@ from cavga.losses import (
     reconstruction_loss,
 )
 from cavga.maps import MAPS, available_maps, calibrate, cheap_maps
-from cavga.networks import MODELS
+from cavga.networks import CAVGA, MODELS
 
 LOSSES = ("loss", "rec", "kl", "adv_g", "adv_d", "ae", "bce", "cga")
 
@@ -113,17 +115,15 @@ def load_train_data(
     )
 
 
-def keep_log_until(log_path: Path, step: int) -> None:
-    """Drop the rows of `log.csv` after `step` (a killed run logged steps its checkpoint lacks)."""
+def keep_log_until(log_path: Path, step: int, columns: int = len(LOSSES) + 2) -> None:
+    """Drop the rows of a log after `step` (a killed run logged steps its checkpoint lacks), and any
+    row that is not a complete one of `columns` fields."""
     lines = log_path.read_text().splitlines(keepends=True)
 
     def complete_and_before(line: str) -> bool:
         fields = line.rstrip("\n").split(",")
         return (
-            line.endswith("\n")
-            and len(fields) == len(LOSSES) + 2
-            and fields[0].isdigit()
-            and int(fields[0]) <= step
+            line.endswith("\n") and len(fields) == columns and fields[0].isdigit() and int(fields[0]) <= step
         )
 
     log_path.write_text("".join(lines[:1] + [ln for ln in lines[1:] if complete_and_before(ln)]))
@@ -231,13 +231,18 @@ def train(
         distributed.sync_batchnorm(model)
     if cfg.anomaly_map not in available_maps(model):
         raise RunError(f"model {cfg.model} cannot make the {cfg.anomaly_map!r} map")
+    if cfg.pretrain_steps:
+        pretrain_stages(model, cfg)  # a model it cannot pre-train fails here, before any work
     params = model.generator_parameters()
     opt_g = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas) if params else None
     opt_d = None
     if model.discriminator is not None:
         opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.d_lr, betas=cfg.betas)
     step = 0
+    # Encoder pre-training's progress (see `pretrain`): its step, and until it ends its head and optimiser.
+    pre: dict = {"step": 0}
     if ckpt is not None:
+        pre = dict(ckpt.get("pretrain") or pre)
         load_weights(model, ckpt["model"], f"model {cfg.model} at {cfg.image_size} px")
         try:
             if opt_g is not None:
@@ -254,7 +259,6 @@ def train(
     if ckpt is not None and ckpt.get("calibration") is not None and step >= total:
         return run  # already finished: rerunning the same command line is harmless
     adv_from = int(cfg.adv_start * total)
-    generator, discriminator = distributed.wrap(model, world, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     if world.main:
         run.mkdir(parents=True, exist_ok=True)
@@ -292,6 +296,7 @@ def train(
             "model_name": cfg.model,
             "setting": spec.setting,
             "data": meta,
+            "pretrain": pre,
             "calibration": None,  # added once calibrated, at the end
         }
 
@@ -299,6 +304,9 @@ def train(
         if world.main:  # one writer; the other ranks hold the same weights
             save_checkpoint(run / CHECKPOINT, state())
 
+    if cfg.pretrain_steps > pre["step"]:
+        pretrain(model, data.normal, cfg, device, world, pre, save, run, progress)
+    generator, discriminator = distributed.wrap(model, world, device)
     log_path = run / "log.csv" if world.main else Path(os.devnull)
     if world.main and (step == 0 or not log_path.exists()):
         log_path.write_text(",".join(["step", *LOSSES, "seconds"]) + "\n")
@@ -411,6 +419,7 @@ def train(
             "n_train": len(data.train),
             "n_anomalous_train": len(data.anomalous_files),
             "n_calib": len(data.calib),
+            **{f"pretrain_{k}": v for k, v in pre.items()},
         },
     )
     release_free_memory()  # calibration's freed buffers, before the checkpoint is read back
@@ -419,6 +428,98 @@ def train(
     save_checkpoint(run / CHECKPOINT, finished)
     world.barrier()
     return run
+
+
+def pretrain(
+    model: CAVGA,
+    normal: ImageSource,
+    cfg: TrainConfig,
+    device: torch.device,
+    world: distributed.World,
+    pre: dict,
+    save: Callable[[], None],
+    run: Path,
+    progress: bool = True,
+) -> Segmenter:
+    """`cfg.pretrain_steps` steps of encoder pre-training on synthetic anomalies of the `normal`
+    images (see `cavga.engine.pretrain`), from step `pre["step"]`, before the CAVGA steps.
+
+    `pre` is the progress the run's checkpoint holds, updated in place; `save` writes it every
+    `checkpoint_every` steps, when stopped (then `--resume` continues here) and at the end, when
+    only the step count, the time and the last 50 steps' mean loss stay. Losses go to
+    `pretrain_log.csv`. Several processes: the batch is split across ranks as in training.
+    Returns the stages with the trained head (which the run does not keep).
+    """
+    seg = Segmenter(model, cfg).to(device)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    opt = torch.optim.Adam(seg.trainable(), lr=PRETRAIN_LR)
+    start = pre["step"]
+    if start:
+        seg.head.load_state_dict(pre["head"])
+        opt.load_state_dict(pre["opt"])
+    ids = [device.index] if device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(seg, device_ids=ids) if world.size > 1 else seg
+    total = cfg.pretrain_steps
+    batches = StepBatches(len(normal), cfg.batch_size, cfg.seed + 1, start, total, world)
+    log_path = run / "pretrain_log.csv" if world.main else Path(os.devnull)
+    if world.main and (start == 0 or not log_path.exists()):
+        log_path.write_text("step,loss,seconds\n")
+    elif world.main:
+        keep_log_until(log_path, start, columns=3)
+    recent = list(pre.get("recent", []))
+    step, t0 = start, time.perf_counter()
+    seconds = pre.get("seconds", 0.0)
+
+    def keep(finished: bool = False) -> None:
+        pre.update(step=step, seconds=round(seconds + time.perf_counter() - t0, 2))
+        pre["loss"] = round(sum(recent) / len(recent), 4) if recent else None
+        if finished:
+            for key in ("head", "opt", "recent"):
+                pre.pop(key, None)
+        else:
+            pre.update(head=seg.head.state_dict(), opt=opt.state_dict(), recent=list(recent))
+        save()
+
+    model.train()
+    bar = tqdm(
+        total=total, initial=start, disable=not progress or not world.main, desc="pretrain", unit="step"
+    )
+    try:
+        with log_path.open("a") as log:
+            for x in normal.take(batches):
+                # Seeded by step and rank, like training's synthetic anomalies, so a resumed run repeats them.
+                gen = torch.Generator().manual_seed(
+                    cfg.seed * 1_000_003 + 500_009 + step + 7_919 * world.rank
+                )
+                x_aug, masks = synthesize(x.to(device), gen, 0.5)
+                loss = segmentation_loss(net(x_aug), masks)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if not math.isfinite(loss.item()):
+                    raise RunError(
+                        f"encoder pre-training diverged at step {step}/{total}: loss {loss.item()}"
+                    )
+                recent = [*recent[-49:], loss.item()]
+                log.write(f"{step},{loss.item():.6g},{seconds + time.perf_counter() - t0:.2f}\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3g}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    keep()
+    except KeyboardInterrupt:
+        keep()
+        bar.close()
+        raise RunError(
+            f"interrupted at pre-training step {step}/{total}; saved {run / CHECKPOINT}, "
+            "continue with --resume"
+        ) from None
+    bar.close()
+    for p, flag in zip(model.parameters(), requires_grad, strict=True):
+        p.requires_grad_(flag)
+    keep(finished=True)
+    return seg
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -83,11 +83,12 @@ class ResNetEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, x: torch.Tensor, stages: int = 4) -> dict[int, torch.Tensor]:
+        """The first `stages` stages (all four by default), keyed by stride."""
         x = x.repeat(1, self.repeat, 1, 1)  # (B, 3, H, W)
         h = self.stem((x - self.mean) / self.std)  # (B, 64, H/4, W/4)
         feats = {}
-        for stride, layer in zip((4, 8, 16, 32), self.layers, strict=True):
+        for stride, layer in zip((4, 8, 16, 32)[:stages], self.layers[:stages], strict=True):
             h = layer(h)
             feats[stride] = h  # (B, 64·2^k, H/stride, W/stride)
         return feats

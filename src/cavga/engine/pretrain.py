@@ -1,0 +1,95 @@
+"""Encoder pre-training on synthetic anomalies (ours; `--pretrain-steps N`).
+
+The `memory` and `latent-stats` maps and the whole-image score read the ResNet encoder's early stages
+(stride 4 and 8 by default). The CAVGA objective does not change what those stages tell apart: a random
+encoder gives the default map the same figures as a trained one (docs/method.md). Pre-training trains
+them, before the CAVGA steps, to mark per position where `cavga.data.synthetic` altered a normal image:
+a 1×1 head on the memory map's own input (the stages, neighbourhood-averaged and stacked) is fitted
+with binary cross-entropy, the rare altered positions weighted up. Only normal training images are
+read, and each is seen as the maps see it (standardised when `feature_input` says so).
+
+Measured (docs/method.md, "Experiment: the encoder trained to segment synthetic anomalies"): it helps
+where defects are local and the synthetic ones are learned (solar-cell cracks, gravel), and it loses
+what random stages keep of a shape or a fine texture (digits, grass). So it is an option, not the
+default. The head is thrown away afterwards; the maps keep their memory of normal features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cavga.config import TrainConfig
+from cavga.errors import RunError
+from cavga.maps.memory import memory_features
+from cavga.networks import CAVGA, ModelOutput
+from cavga.networks.anchor import standardize
+from cavga.networks.resnet import ResNetEncoder
+
+# Adam's learning rate for the pre-training (the encoder's own, not the CAVGA steps' `lr`).
+PRETRAIN_LR = 5e-4
+# The weight of an altered position is (unaltered share) / (altered share), at most this, so that a
+# batch with one tiny anomaly does not swamp the rest.
+MAX_POSITIVE_WEIGHT = 20.0
+HEAD_WIDTH = 64
+
+
+def pretrain_stages(model: CAVGA, cfg: TrainConfig) -> int:
+    """How many ResNet stages pre-training trains: up to the deepest stage the memory map reads.
+
+    Raises a `RunError` for a model without a ResNet encoder or a memory that reads z."""
+    if not isinstance(model.encoder, ResNetEncoder):
+        raise RunError(f"--pretrain-steps trains a ResNet-18 encoder; model {cfg.model} has none")
+    if "z" in cfg.memory_layers:
+        raise RunError("--pretrain-steps trains the encoder stages the memory map reads, not z")
+    return max(int(math.log2(int(name.removeprefix("s")))) - 1 for name in cfg.memory_layers)
+
+
+class Segmenter(nn.Module):
+    """The encoder's first stages and a 1×1 head: per memory-map position, the logit that a synthetic
+    anomaly altered it. The encoder's later stages take no part (`trainable` freezes them for DDP)."""
+
+    def __init__(self, model: CAVGA, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.stages = pretrain_stages(model, cfg)
+        self.encoder = model.encoder
+        # ResNet-18's stage at stride s has 16·s channels (64 at stride 4 … 512 at stride 32).
+        width = sum(16 * int(name.removeprefix("s")) for name in dict.fromkeys(cfg.memory_layers))
+        # Drawn from its own seed: the global random stream stays where training left it, so a run
+        # resumed in the middle of pre-training continues exactly as an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.head = nn.Sequential(
+                nn.Conv2d(width, HEAD_WIDTH, 1), nn.ReLU(True), nn.Conv2d(HEAD_WIDTH, 1, 1)
+            )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The memory map's input for images `x` in [0, 1]: the same stages, pooling and stacking."""
+        x = standardize(x) if self.cfg.feature_input == "standardised" else x
+        feats = self.encoder(x, self.stages)
+        return memory_features(ModelOutput(feats, feats[max(feats)], None, None, None, None, None), self.cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, 1, h, w) logits
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Marks the stem, the stages read and the head as the only parameters that need gradients
+        (the later stages would otherwise be unused parameters to DDP), and returns them."""
+        self.requires_grad_(False)
+        parts = [self.encoder.stem, *self.encoder.layers[: self.stages], self.head]
+        for part in parts:
+            part.requires_grad_(True)
+        return [p for part in parts for p in part.parameters()]
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of each position's logit against whether any pixel of its cell was
+    altered (`masks`: (B, H, W) from `synthesize`), altered cells weighted up by their rarity."""
+    target = F.adaptive_max_pool2d(masks[:, None].float(), logits.shape[-2:])
+    share = target.mean().clamp_min(1e-3)
+    weight = ((1 - share) / share).clamp(max=MAX_POSITIVE_WEIGHT)
+    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)

@@ -1,0 +1,120 @@
+"""Encoder pre-training on synthetic anomalies (`--pretrain-steps`): what it learns, what it moves,
+and that a stopped run resumes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import cavga.engine.train as train_mod
+from cavga.cli import main
+from cavga.config import make_config
+from cavga.data.folder import load_image
+from cavga.data.synthetic import synthesize
+from cavga.engine.distributed import World
+from cavga.engine.pretrain import Segmenter
+from cavga.engine.run import load_checkpoint
+from cavga.engine.train import build_model, load_train_data
+from tiny_data import TINY_SIZE, small_demo
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return small_demo(tmp_path_factory.mktemp("pretrain-demo"))
+
+
+def cell_auroc(seg: Segmenter, images: torch.Tensor, seed: int) -> float:
+    """How well the head ranks the cells that fresh synthetic anomalies altered above the others."""
+    x, masks = synthesize(images, torch.Generator().manual_seed(seed), 1.0)
+    seg.eval()
+    with torch.no_grad():
+        logits = seg(x)
+    target = torch.nn.functional.adaptive_max_pool2d(masks[:, None].float(), logits.shape[-2:])
+    return float(roc_auc_score(target.flatten().numpy(), logits.flatten().numpy()))
+
+
+def test_pretraining_learns_synthetic_anomalies_and_moves_only_the_stages_read(
+    data: Path, tmp_path: Path
+) -> None:
+    """40 steps on 11 brick images at 64 px: on the 5 normal test images, which it never saw, the
+    head tells the cells that fresh synthetic anomalies altered from the rest far better than
+    before (measured 0.43 → 0.87; 0.80 and 0.89 on two other draws of anomalies); only the stem and
+    the two stages the memory map reads change (weights and BatchNorm statistics), not layer3,
+    layer4, z or the decoder; and every parameter needs gradients again afterwards."""
+    cfg = make_config(model="cavga-ru", image_size=64, batch_size=8, pretrain_steps=40)
+    train = load_train_data(data, None, cfg)
+    torch.manual_seed(0)  # the random encoder the figures above were measured with
+    model = build_model(cfg, None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = sorted((data / "brick" / "test" / "good").iterdir())
+    held_out = torch.stack([load_image(p, 64, train.channels) for p in good])
+    assert held_out.dtype == torch.float32 and len(held_out) == 5
+    start = cell_auroc(Segmenter(model, cfg), held_out, seed=1)
+    pre: dict = {"step": 0}
+    cpu = torch.device("cpu")
+    seg = train_mod.pretrain(model, train.normal, cfg, cpu, World(), pre, lambda: None, tmp_path, False)
+
+    assert pre["step"] == 40 and set(pre) == {"step", "seconds", "loss"}
+    log = (tmp_path / "pretrain_log.csv").read_text().splitlines()[1:]
+    losses = [float(line.split(",")[1]) for line in log]
+    assert len(losses) == 40 and pre["loss"] == pytest.approx(sum(losses[-40:]) / 40, abs=1e-3)
+    end = cell_auroc(seg, held_out, seed=1)
+    assert start < 0.6 and end > 0.8, (start, end)
+    after = model.state_dict()
+    moved = {k.split(".")[1] if k.startswith("encoder.") else k.split(".")[0]
+             for k in after if not torch.equal(before[k], after[k])}  # fmt: skip
+    assert moved == {"stem", "layers"}
+    layers = {
+        k.split(".")[2]
+        for k in after
+        if k.startswith("encoder.layers.") and not torch.equal(before[k], after[k])
+    }
+    assert layers == {"0", "1"}
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pretraining_stopped_and_resumed_matches_an_uninterrupted_run(
+    data: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Ctrl-C at pre-training step 3 of 4 saves the run; `--resume` finishes pre-training and the
+    CAVGA steps with the weights of a run that was never stopped, and logs each step once."""
+    settings = ["--model", "cavga-ru", "--image-size", str(TINY_SIZE), "--batch-size", "4", "--steps", "2"]
+    settings += ["--pretrain-steps", "4", "--quiet", "--device", "cpu", "--data", str(data)]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", *settings, "--out", str(full)]) == 0
+
+    # Stopped as the third step begins (a stop inside a step is not undone; see the closing note).
+    real_synthesize, calls = train_mod.synthesize, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "synthesize", interrupted)
+    assert main(["train", *settings, "--out", str(part)]) == 2
+    assert "interrupted at pre-training step 2/4" in capsys.readouterr().err
+    saved = load_checkpoint(part)
+    assert saved["step"] == 0 and saved["pretrain"]["step"] == 2 and "head" in saved["pretrain"]
+    monkeypatch.setattr(train_mod, "synthesize", real_synthesize)
+    assert main(["train", "--out", str(part), "--resume", "--quiet"]) == 0
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert b["step"] == 2 and b["pretrain"]["step"] == 4 and "head" not in b["pretrain"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert (part / "pretrain_log.csv").read_text().count("\n") == 5  # header + 4 steps
+    summary = (part / "train_summary.json").read_text()
+    assert '"pretrain_step": 4' in summary
+
+
+def test_pretraining_needs_a_resnet_encoder(data: Path, tmp_path: Path, capsys) -> None:
+    """A DCGAN model with --pretrain-steps stops before any work, saying why."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--model", "cavga-du", "--image-size", str(TINY_SIZE)]
+    assert main([*args, "--pretrain-steps", "3", "--out", str(out), "--quiet"]) == 2
+    assert "--pretrain-steps trains a ResNet-18 encoder; model cavga-du has none" in capsys.readouterr().err
+    assert not out.exists()
