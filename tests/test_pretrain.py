@@ -80,7 +80,8 @@ def test_pretraining_stopped_and_resumed_matches_an_uninterrupted_run(
     data: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """Ctrl-C at pre-training step 3 of 4 saves the run; `--resume` finishes pre-training and the
-    CAVGA steps with the weights of a run that was never stopped, and logs each step once."""
+    CAVGA steps with the weights of a run that was never stopped, and logs each step once. The CAVGA
+    steps leave the pre-trained stages as they are."""
     settings = ["--model", "cavga-ru", "--image-size", str(TINY_SIZE), "--batch-size", "4", "--steps", "2"]
     settings += ["--pretrain-steps", "4", "--quiet", "--device", "cpu", "--data", str(data)]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -107,6 +108,16 @@ def test_pretraining_stopped_and_resumed_matches_an_uninterrupted_run(
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert (part / "pretrain_log.csv").read_text().count("\n") == 5  # header + 4 steps
+    # The CAVGA steps keep the pre-trained stages as they are (weights and BatchNorm statistics):
+    # after 1 or 2 of them they are the same, while the rest of the encoder moved.
+    one = tmp_path / "one"
+    assert main(["train", *[v if v != "2" else "1" for v in settings], "--out", str(one)]) == 0
+    c = load_checkpoint(one)["model"]
+    kept = ("encoder.stem.", "encoder.layers.0.", "encoder.layers.1.")
+    assert all(torch.equal(v, c[k]) for k, v in a["model"].items() if k.startswith(kept))
+    assert not torch.equal(
+        a["model"]["encoder.layers.2.0.conv1.weight"], c["encoder.layers.2.0.conv1.weight"]
+    )
     summary = (part / "train_summary.json").read_text()
     assert '"pretrain_step": 4' in summary
 

@@ -28,7 +28,13 @@ from cavga.data import (
 )
 from cavga.data.stream import ImageSource, default_workers, scan
 from cavga.engine import distributed
-from cavga.engine.pretrain import PRETRAIN_LR, Segmenter, pretrain_stages, segmentation_loss
+from cavga.engine.pretrain import (
+    PRETRAIN_LR,
+    Segmenter,
+    freeze_pretrained,
+    pretrain_stages,
+    segmentation_loss,
+)
 from cavga.engine.run import (
     CHECKPOINT,
     build_model,
@@ -306,6 +312,7 @@ def train(
 
     if cfg.pretrain_steps > pre["step"]:
         pretrain(model, data.normal, cfg, device, world, pre, save, run, progress)
+    frozen = freeze_pretrained(model, cfg) if cfg.pretrain_steps else []
     generator, discriminator = distributed.wrap(model, world, device)
     log_path = run / "log.csv" if world.main else Path(os.devnull)
     if world.main and (step == 0 or not log_path.exists()):
@@ -324,6 +331,8 @@ def train(
         )
         t0, first_step = time.perf_counter(), step
         model.train()
+        for part in frozen:
+            part.eval()
         try:
             # Decoded ahead by the workers (when the images are not in memory) in the order of the steps.
             batches = StepBatches(len(data.train), cfg.batch_size, cfg.seed, step, total, world)
