@@ -11,7 +11,9 @@ layer4 as initialised; the head goes beside it, in FILE.head) for
     python scripts/synthetic_pretrain.py --data DIR --category C --out enc.pt
     cavga train --data DIR --category C --weights enc.pt --steps 1 --out RUN && cavga test RUN
 
-Measured in docs/method.md ("Experiment: the encoder trained to segment synthetic anomalies").
+Measured in docs/method.md ("Experiment: the encoder trained to segment synthetic anomalies"). The
+package's option `cavga train --pretrain-steps N` does the same with all three parts trained (its own
+batch order and draws); this script keeps the variants (`--first`, `--keep`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 
 from cavga.config import TrainConfig, make_config
 from cavga.data.synthetic import synthesize
+from cavga.engine.pretrain import segmentation_loss
 from cavga.engine.train import load_train_data
 from cavga.maps.memory import memory_features
 from cavga.networks.anchor import standardize
@@ -127,17 +130,13 @@ def main() -> None:
         x_aug, mask = synthesize(x, gen, args.synthetic)
         feats = pooled_stages(enc, standardize(x_aug), cfg)
         logits = head(feats)
-        # A cell is anomalous if any of its pixels is; the rare anomalous cells are weighted up.
-        target = F.adaptive_max_pool2d(mask[:, None], logits.shape[-2:])
-        share = target.mean().clamp_min(1e-3)
-        weight = ((1 - share) / share).clamp(max=20)
-        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+        loss = segmentation_loss(logits, mask)
         if initial is not None:
             # What a random encoder carries (a digit's shape, a texture's statistics) stays where
             # nothing was altered: the relative squared change of the features there.
             with torch.no_grad():
                 before = pooled_stages(initial, standardize(x_aug), cfg)
-            keep = 1 - target
+            keep = 1 - F.adaptive_max_pool2d(mask[:, None], logits.shape[-2:])
             change = ((feats - before) ** 2 * keep).sum() / ((before**2) * keep).sum().clamp_min(1e-6)
             loss = loss + args.keep * change
         opt.zero_grad()
