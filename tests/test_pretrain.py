@@ -129,3 +129,14 @@ def test_pretraining_needs_a_resnet_encoder(data: Path, tmp_path: Path, capsys) 
     assert main([*args, "--pretrain-steps", "3", "--out", str(out), "--quiet"]) == 2
     assert "--pretrain-steps trains a ResNet-18 encoder; model cavga-du has none" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_compare_passes_pretraining_on_and_says_so(data: Path, tmp_path: Path) -> None:
+    """`cavga compare --pretrain-steps 2` pre-trains each run and states it above the table."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(data), "--models", "cavga-ru", "--image-size", str(TINY_SIZE)]
+    args += ["--steps", "1", "--batch-size", "4", "--seeds", "1", "--pretrain-steps", "2", "--out", str(out)]
+    assert main([*args, "--quiet", "--device", "cpu"]) == 0
+    assert "1 steps after 2 pre-training steps" in (out / "compare.md").read_text()
+    summary = (out / "runs" / "cavga-ru" / "brick" / "seed0" / "train_summary.json").read_text()
+    assert '"pretrain_step": 2' in summary

@@ -156,10 +156,11 @@ def write_tables(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: P
         w.writeheader()
         w.writerows(rows)
     t = cells[0]["train"]
+    pretrained = f" after {t['pretrain_step']} pre-training steps" if t.get("pretrain_step") else ""
     lines = [
         f"{len({c['seed'] for c in cells})} seeds × {len({c['category'] for c in cells})} categories; "
-        f"{t['image_size']} px, batch {t['batch_size']}, {t['steps']} steps; device {t['device']}, "
-        f"{torch.get_num_threads()} CPU threads. `*` marks each model's default map.",
+        f"{t['image_size']} px, batch {t['batch_size']}, {t['steps']} steps{pretrained}; "
+        f"device {t['device']}, {torch.get_num_threads()} CPU threads. `*` marks each model's default map.",
         "",
         "| model | map | " + " | ".join(METRICS) + " | train s/run |",
         "|---|---|" + "---|" * (len(METRICS) + 1),
