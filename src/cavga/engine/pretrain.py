@@ -48,6 +48,11 @@ def pretrain_stages(model: CAVGA, cfg: TrainConfig) -> int:
     return max(int(math.log2(int(name.removeprefix("s")))) - 1 for name in cfg.memory_layers)
 
 
+def pretrained_parts(model: CAVGA, cfg: TrainConfig) -> list[nn.Module]:
+    """The encoder's stem and the stages pre-training trains."""
+    return [model.encoder.stem, *model.encoder.layers[: pretrain_stages(model, cfg)]]
+
+
 class Segmenter(nn.Module):
     """The encoder's first stages and a 1×1 head: per memory-map position, the logit that a synthetic
     anomaly altered it. The encoder's later stages take no part (`trainable` freezes them for DDP)."""
@@ -57,6 +62,7 @@ class Segmenter(nn.Module):
         self.cfg = cfg
         self.stages = pretrain_stages(model, cfg)
         self.encoder = model.encoder
+        self.parts = pretrained_parts(model, cfg)
         # ResNet-18's stage at stride s has 16·s channels (64 at stride 4 … 512 at stride 32).
         width = sum(16 * int(name.removeprefix("s")) for name in dict.fromkeys(cfg.memory_layers))
         # Drawn from its own seed: the global random stream stays where training left it, so a run
@@ -80,7 +86,7 @@ class Segmenter(nn.Module):
         """Marks the stem, the stages read and the head as the only parameters that need gradients
         (the later stages would otherwise be unused parameters to DDP), and returns them."""
         self.requires_grad_(False)
-        parts = [self.encoder.stem, *self.encoder.layers[: self.stages], self.head]
+        parts = [*self.parts, self.head]
         for part in parts:
             part.requires_grad_(True)
         return [p for part in parts for p in part.parameters()]
@@ -93,8 +99,7 @@ def freeze_pretrained(model: CAVGA, cfg: TrainConfig) -> list[nn.Module]:
     Without this the CAVGA steps undo the pre-training: on ELPV mono, 300 default steps after it
     took the fused image AUROC from 0.944 back to 0.926 (a random encoder: 0.918). They train on the
     raw image, the maps read the standardised one."""
-    stages = pretrain_stages(model, cfg)
-    parts = [model.encoder.stem, *model.encoder.layers[:stages]]
+    parts = pretrained_parts(model, cfg)
     for part in parts:
         part.requires_grad_(False)
     return parts
