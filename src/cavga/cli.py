@@ -184,7 +184,7 @@ def _add_run_settings(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--image-score", choices=("peak", "fused"), default=None, help="image score (see `cavga train`)"
     )
-    p.add_argument("--pretrain-steps", type=int, default=None, help=PRETRAIN_HELP)
+    p.add_argument("--pretrain-steps", type=int, default=None, metavar="N", help=PRETRAIN_HELP)
     p.add_argument("--out", required=True, help=f"output folder; a stopped {what} resumes there")
     p.add_argument("--quiet", action="store_true")
 
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the maps' encoder features see: each image standardised first (default; measured "
         "better on solar cells, textures and digits, see docs/method.md) or the image as it is (raw)",
     )
-    t.add_argument("--pretrain-steps", type=int, default=None, help=PRETRAIN_HELP)
+    t.add_argument("--pretrain-steps", type=int, default=None, metavar="N", help=PRETRAIN_HELP)
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument(
         "--precision",
