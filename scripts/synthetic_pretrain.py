@@ -41,12 +41,8 @@ TRAINED = 2  # layer1 and layer2: the stride-4 and stride-8 stages
 def pooled_stages(enc: ResNetEncoder, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """The memory map's input (`memory_features`: s4 and s8, 3×3-averaged, stacked on s4's grid).
     The encoder runs only up to the trained stages: layer3 and layer4 are not needed here."""
-    h = enc.stem((x.repeat(1, enc.repeat, 1, 1) - enc.mean) / enc.std)
-    feats = {}
-    for stride, stage in zip((4, 8), enc.layers[:TRAINED], strict=True):
-        h = stage(h)
-        feats[stride] = h
-    return memory_features(ModelOutput(feats, h, None, None, None, None, None), cfg)
+    feats = enc(x, TRAINED)
+    return memory_features(ModelOutput(feats, feats[max(feats)], None, None, None, None, None), cfg)
 
 
 def torchvision_names(enc: ResNetEncoder) -> dict[str, torch.Tensor]:

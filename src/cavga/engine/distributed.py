@@ -126,12 +126,17 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def device_ids(device: torch.device) -> list[int] | None:
+    """DDP's `device_ids`: the one GPU of this rank, or None on a CPU."""
+    return [device.index] if device.type == "cuda" else None
+
+
 def wrap(model: nn.Module, world: World, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
     """The generator (the model without its discriminator) and the discriminator, each in DDP when
     there are several ranks; the model itself and its discriminator otherwise."""
     if world.size <= 1 or not any(p.requires_grad for p in model.generator_parameters()):
         return model, model.discriminator  # alone, or a training-free anchor: nothing to average
-    ids = [device.index] if device.type == "cuda" else None
+    ids = device_ids(device)
     if model.discriminator is not None:
         ignored = [f"discriminator.{n}" for n, _ in model.discriminator.named_parameters()]
         ignored += [f"discriminator.{n}" for n, _ in model.discriminator.named_buffers()]

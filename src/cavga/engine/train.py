@@ -135,6 +135,17 @@ def keep_log_until(log_path: Path, step: int, columns: int = len(LOSSES) + 2) ->
     log_path.write_text("".join(lines[:1] + [ln for ln in lines[1:] if complete_and_before(ln)]))
 
 
+# Offset of pre-training's synthetic anomalies, so they are not the same draws as the training steps'.
+PRETRAIN_STREAM = 500_009
+
+
+def synthetic_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Generator:
+    """The generator of one step's synthetic anomalies: seeded by step, so a resumed run makes exactly
+    the anomalies an uninterrupted one would; each rank draws its own (rank 0 alone draws what a
+    single process does)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + stream + step + 7_919 * rank)
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     """Indices of the batch for `step`: a fresh seeded permutation per epoch, so a resumed run
     sees exactly the batches an uninterrupted one would. Incomplete last batches are dropped
@@ -342,9 +353,7 @@ def train(
                 x, y = next(stream).to(device), data.labels[idx].to(device)
                 x_in, masks = x, None
                 if cfg.synthetic > 0:
-                    # Seeded by step, so a resumed run makes exactly the anomalies an uninterrupted one would.
-                    # Each rank draws its own (world.rank 0 alone draws what a single process does).
-                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_919 * world.rank)
+                    gen = synthetic_generator(cfg.seed, step, world.rank)
                     x_in, masks = synthesize(x, gen, cfg.synthetic)
                     y = (masks.flatten(1).amax(1) > 0).long()
                 losses = train_step(
@@ -466,8 +475,8 @@ def pretrain(
     if start:
         seg.head.load_state_dict(pre["head"])
         opt.load_state_dict(pre["opt"])
-    ids = [device.index] if device.type == "cuda" else None
-    net = nn.parallel.DistributedDataParallel(seg, device_ids=ids) if world.size > 1 else seg
+    ddp = nn.parallel.DistributedDataParallel
+    net = ddp(seg, device_ids=distributed.device_ids(device)) if world.size > 1 else seg
     total = cfg.pretrain_steps
     batches = StepBatches(len(normal), cfg.batch_size, cfg.seed + 1, start, total, world)
     log_path = run / "pretrain_log.csv" if world.main else Path(os.devnull)
@@ -496,10 +505,7 @@ def pretrain(
     try:
         with log_path.open("a") as log:
             for x in normal.take(batches):
-                # Seeded by step and rank, like training's synthetic anomalies, so a resumed run repeats them.
-                gen = torch.Generator().manual_seed(
-                    cfg.seed * 1_000_003 + 500_009 + step + 7_919 * world.rank
-                )
+                gen = synthetic_generator(cfg.seed, step, world.rank, PRETRAIN_STREAM)
                 x_aug, masks = synthesize(x.to(device), gen, 0.5)
                 loss = segmentation_loss(net(x_aug), masks)
                 opt.zero_grad(set_to_none=True)
