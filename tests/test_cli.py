@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -121,8 +122,8 @@ def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> N
 
 
 def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    """A run stopped by Ctrl-C after 2 of 4 steps saves itself, and resuming it gives the same
-    weights as 4 steps in one go."""
+    """Ctrl-C pressed as step 3 of 4 begins lets that step finish, saves the run at step 3, and
+    resuming it gives the same weights as 4 steps in one go."""
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(train_args(data, full, "cavga-du", 4)) == 0
 
@@ -131,13 +132,15 @@ def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatc
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C sends; the handler runs at once
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "train_step", interrupted)
     assert main(train_args(data, part, "cavga-du", 4)) == 2
-    assert "interrupted at step 2/4" in capsys.readouterr().err
-    assert load_checkpoint(part)["step"] == 2
+    err = capsys.readouterr().err
+    assert "stopping after this step" in err and "interrupted at step 3/4" in err
+    assert load_checkpoint(part)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     monkeypatch.setattr(train_mod, "train_step", real_step)
     assert main(["train", "--out", str(part), "--resume", "--quiet"]) == 0
     a, b = load_checkpoint(full), load_checkpoint(part)
@@ -145,6 +148,29 @@ def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatc
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert (part / "log.csv").read_text().count("\n") == 5  # header + 4 steps, no duplicates
+
+
+def test_a_second_ctrl_c_stops_inside_the_step_and_saves_nothing(
+    data: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A second Ctrl-C stops at once, inside the step: the weights may be half updated, so the
+    checkpoint of step 2 (saved every 2 steps) is left as it was."""
+    part = tmp_path / "part"
+    real_step, calls = train_mod.train_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupted)
+    assert main([*train_args(data, part, "cavga-du", 4), "--checkpoint-every", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped inside step 3/4, unsaved" in err and "(step 2), continue with --resume" in err
+    assert len(calls) == 3 and load_checkpoint(part)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_failed_calibration_loses_no_training(data: Path, tmp_path: Path, monkeypatch) -> None:

@@ -3,6 +3,7 @@ and that a stopped run resumes exactly."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -79,28 +80,28 @@ def test_pretraining_learns_synthetic_anomalies_and_moves_only_the_stages_read(
 def test_pretraining_stopped_and_resumed_matches_an_uninterrupted_run(
     data: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    """Ctrl-C at pre-training step 3 of 4 saves the run; `--resume` finishes pre-training and the
-    CAVGA steps with the weights of a run that was never stopped, and logs each step once. The CAVGA
-    steps leave the pre-trained stages as they are."""
+    """Ctrl-C in pre-training step 3 of 4 saves the run after that step; `--resume` finishes
+    pre-training and the CAVGA steps with the weights of a run that was never stopped, and logs each
+    step once. The CAVGA steps leave the pre-trained stages as they are."""
     settings = ["--model", "cavga-ru", "--image-size", str(TINY_SIZE), "--batch-size", "4", "--steps", "2"]
     settings += ["--pretrain-steps", "4", "--quiet", "--device", "cpu", "--data", str(data)]
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", *settings, "--out", str(full)]) == 0
 
-    # Stopped as the third step begins (a stop inside a step is not undone; see the closing note).
+    # Ctrl-C as the third step begins: that step finishes, then the run is saved.
     real_synthesize, calls = train_mod.synthesize, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return real_synthesize(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "synthesize", interrupted)
     assert main(["train", *settings, "--out", str(part)]) == 2
-    assert "interrupted at pre-training step 2/4" in capsys.readouterr().err
+    assert "interrupted at pre-training step 3/4" in capsys.readouterr().err
     saved = load_checkpoint(part)
-    assert saved["step"] == 0 and saved["pretrain"]["step"] == 2 and "head" in saved["pretrain"]
+    assert saved["step"] == 0 and saved["pretrain"]["step"] == 3 and "head" in saved["pretrain"]
     monkeypatch.setattr(train_mod, "synthesize", real_synthesize)
     assert main(["train", "--out", str(part), "--resume", "--quiet"]) == 0
     a, b = load_checkpoint(full), load_checkpoint(part)

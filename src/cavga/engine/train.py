@@ -28,6 +28,7 @@ from cavga.data import (
 )
 from cavga.data.stream import ImageSource, default_workers, scan
 from cavga.engine import distributed
+from cavga.engine.interrupt import StopAtStepEnd
 from cavga.engine.pretrain import (
     PRETRAIN_LR,
     Segmenter,
@@ -331,7 +332,7 @@ def train(
     elif world.main:
         keep_log_until(log_path, step)  # rows written after the checkpoint will be written again
     last_saved = f"{run / CHECKPOINT} (step {step})" if ckpt is not None else "none (no checkpoint yet)"
-    with log_path.open("a", newline="") as log_file:
+    with log_path.open("a", newline="") as log_file, StopAtStepEnd() as stop:
         log = csv.writer(log_file)
         bar = tqdm(
             total=total,
@@ -393,15 +394,19 @@ def train(
                 log_file.flush()  # so a stopped run's log is complete up to its last step
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss" and v})
+                if stop.requested(world.size, device):
+                    save()
+                    bar.close()
+                    raise RunError(
+                        f"interrupted at step {step}/{total}; saved {run / CHECKPOINT}, "
+                        "continue with --resume"
+                    )
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                     save()
                     last_saved = f"{run / CHECKPOINT} (step {step})"
         except KeyboardInterrupt:
-            save()
             bar.close()
-            raise RunError(
-                f"interrupted at step {step}/{total}; saved {run / CHECKPOINT}, continue with --resume"
-            ) from None
+            raise stopped_inside("step", step, total, last_saved) from None
         bar.close()
     train_seconds = time.perf_counter() - t0
     # The trained weights and optimiser states go to disk before calibration: a calibration that
@@ -502,8 +507,9 @@ def pretrain(
     bar = tqdm(
         total=total, initial=start, disable=not progress or not world.main, desc="pretrain", unit="step"
     )
+    last_saved = f"{run / CHECKPOINT} (pre-training step {start})" if start else "none (no checkpoint yet)"
     try:
-        with log_path.open("a") as log:
+        with log_path.open("a") as log, StopAtStepEnd("pre-training step") as stop:
             for x in normal.take(batches):
                 gen = synthetic_generator(cfg.seed, step, world.rank, PRETRAIN_STREAM)
                 x_aug, masks = synthesize(x.to(device), gen, 0.5)
@@ -521,20 +527,34 @@ def pretrain(
                 log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.3g}")
+                if stop.requested(world.size, device):
+                    keep()
+                    bar.close()
+                    raise RunError(
+                        f"interrupted at pre-training step {step}/{total}; saved {run / CHECKPOINT}, "
+                        "continue with --resume"
+                    )
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                     keep()
+                    last_saved = f"{run / CHECKPOINT} (pre-training step {step})"
     except KeyboardInterrupt:
-        keep()
         bar.close()
-        raise RunError(
-            f"interrupted at pre-training step {step}/{total}; saved {run / CHECKPOINT}, "
-            "continue with --resume"
-        ) from None
+        raise stopped_inside("pre-training step", step, total, last_saved) from None
     bar.close()
     for p, flag in zip(model.parameters(), requires_grad, strict=True):
         p.requires_grad_(flag)
     keep(finished=True)
     return seg
+
+
+def stopped_inside(what: str, step: int, total: int, last_saved: str) -> RunError:
+    """The error of a second Ctrl-C (or one that no handler caught): the step it interrupted may be
+    half applied, so nothing is saved over the last checkpoint."""
+    return RunError(
+        f"stopped inside {what} {step + 1}/{total}, unsaved (its weights may be half updated); "
+        f"last checkpoint: {last_saved}"
+        + ("" if last_saved.startswith("none") else ", continue with --resume")
+    )
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -1,0 +1,68 @@
+"""Ctrl-C during training stops at the next step boundary, so what is saved is a finished step.
+
+Python raises `KeyboardInterrupt` between any two bytecodes: inside an optimiser's update, between
+the discriminator's and the generator's step, or after the weights moved but before the step was
+counted. A checkpoint written there holds a step that is half applied and labelled as not taken,
+and its `--resume` no longer matches an uninterrupted run. `StopAtStepEnd` replaces the SIGINT
+handler while a training loop runs: the first Ctrl-C only asks the loop to stop after the step in
+progress (which the loop then saves); a second one stops at once, and the loop saves nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType, TracebackType
+
+import torch
+import torch.distributed as dist
+
+
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop inside the step, so the weights may be half updated and are not saved."""
+
+
+class StopAtStepEnd:
+    """Context manager: `requested()` is true once Ctrl-C was pressed (on any rank).
+
+    Outside the main thread (a service, a notebook's worker thread) no handler can be installed, and
+    Ctrl-C keeps Python's behaviour: a `KeyboardInterrupt` wherever it lands.
+    """
+
+    def __init__(self, what: str = "step") -> None:
+        self.what = what
+        self.pressed = False
+        self._previous: object = None
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.pressed:
+            raise StopNow
+        self.pressed = True
+        print(
+            f"\nstopping after this {self.what} (press Ctrl-C again to stop at once, unsaved)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> StopAtStepEnd:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+            self._previous = None
+
+    def requested(self, world_size: int = 1, device: torch.device | None = None) -> bool:
+        """Whether to stop now, at a step boundary. With several ranks every rank must stop at the
+        same step (a rank that went on would wait for the others forever), so the request is shared:
+        one tiny all-reduce per step."""
+        if world_size == 1:
+            return self.pressed
+        flag = torch.tensor([float(self.pressed)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
