@@ -117,3 +117,28 @@ def test_elpv_benchmark_has_a_row_per_module_type(tmp_path: Path) -> None:
     for cell, n_test in (("mono", 2 + 3), ("poly", 1 + 2)):
         result = json.loads((out / "results" / "cavga-du" / f"{cell}.json").read_text())
         assert result["n_test_images"] == n_test
+
+
+def test_a_protocol_default_size_applies_unless_one_is_given(tmp_path: Path, monkeypatch) -> None:
+    """mnist5k's digits train at 64 px unless --image-size says otherwise; other protocols keep the
+    models' default."""
+    from cavga.data.protocols import MNIST5K_SIZE, Prepared
+
+    seen: list[dict] = []
+
+    def fake_cell(prepared, protocol, cell, model, seed, out, overrides, progress):
+        seen.append(dict(overrides))
+        score = {"image_auroc": 0.5}
+        return {"model": model, "cell": cell, "seed": seed, "anomaly_map": "memory", "seconds": 1.0,
+                "metrics": score, "paper_map": score}  # fmt: skip
+
+    monkeypatch.setattr(bench_mod, "run_cell", fake_cell)
+    for size in (MNIST5K_SIZE, None):
+        monkeypatch.setattr(
+            bench_mod, "prepare", lambda *a, s=size: Prepared(tmp_path, ["a"], "one-class", s)
+        )
+        for given in ({}, {"image_size": 32}):
+            out = tmp_path / f"out{len(seen)}"
+            bench_mod.benchmark("mnist5k", None, ["knn-pixels"], out, progress=False, **given)
+    assert [s.get("image_size") for s in seen] == [MNIST5K_SIZE, 32, None, 32]
+    assert "image_size 64" in (tmp_path / "out0" / "benchmark.md").read_text()

@@ -85,6 +85,8 @@ def benchmark(
     if protocol not in PROTOCOLS:
         raise CavgaError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     prepared = prepare(protocol, data, out / "data", download)
+    if prepared.image_size is not None and overrides.get("image_size") is None:
+        overrides = {**overrides, "image_size": prepared.image_size}  # the protocol's own default
     chosen = prepared.cells if not cells or cells == ["all"] else cells
     unknown = [c for c in chosen if c not in prepared.cells]
     if unknown:
