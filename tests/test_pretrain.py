@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+import cavga.engine.pretrain as pretraining
 import cavga.engine.train as train_mod
 from cavga.cli import main
 from cavga.config import make_config
@@ -37,8 +38,15 @@ def cell_auroc(seg: Segmenter, images: torch.Tensor, seed: int) -> float:
     return float(roc_auc_score(target.flatten().numpy(), logits.flatten().numpy()))
 
 
+@pytest.fixture
+def keep_any(monkeypatch) -> None:
+    """Keep the pre-trained stages whatever the loss: these tests train far too few steps for the
+    loss to reach `PRETRAIN_MAX_LOSS`."""
+    monkeypatch.setattr(pretraining, "PRETRAIN_MAX_LOSS", float("inf"))
+
+
 def test_pretraining_learns_synthetic_anomalies_and_moves_only_the_stages_read(
-    data: Path, tmp_path: Path
+    data: Path, tmp_path: Path, keep_any
 ) -> None:
     """40 steps on 11 brick images at 64 px: on the 5 normal test images, which it never saw, the
     head tells the cells that fresh synthetic anomalies altered from the rest far better than
@@ -58,7 +66,7 @@ def test_pretraining_learns_synthetic_anomalies_and_moves_only_the_stages_read(
     cpu = torch.device("cpu")
     seg = train_mod.pretrain(model, train.normal, cfg, cpu, World(), pre, lambda: None, tmp_path, False)
 
-    assert pre["step"] == 40 and set(pre) == {"step", "seconds", "loss"}
+    assert pre["step"] == 40 and set(pre) == {"step", "seconds", "loss", "kept"} and pre["kept"]
     log = (tmp_path / "pretrain_log.csv").read_text().splitlines()[1:]
     losses = [float(line.split(",")[1]) for line in log]
     assert len(losses) == 40 and pre["loss"] == pytest.approx(sum(losses[-40:]) / 40, abs=1e-3)
@@ -78,7 +86,7 @@ def test_pretraining_learns_synthetic_anomalies_and_moves_only_the_stages_read(
 
 
 def test_pretraining_stopped_and_resumed_matches_an_uninterrupted_run(
-    data: Path, tmp_path: Path, monkeypatch, capsys
+    data: Path, tmp_path: Path, monkeypatch, capsys, keep_any
 ) -> None:
     """Ctrl-C in pre-training step 3 of 4 saves the run after that step; `--resume` finishes
     pre-training and the CAVGA steps with the weights of a run that was never stopped, and logs each
@@ -121,6 +129,23 @@ def test_pretraining_stopped_and_resumed_matches_an_uninterrupted_run(
     )
     summary = (part / "train_summary.json").read_text()
     assert '"pretrain_step": 4' in summary
+
+
+def test_pretraining_that_does_not_learn_is_set_back(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A pre-training whose final loss stays above `PRETRAIN_MAX_LOSS` leaves no trace in the
+    weights: the stages are set back and the CAVGA steps train them as if it had never run (the
+    same weights as a run without it), and the run says so."""
+    settings = ["--model", "cavga-ru", "--image-size", str(TINY_SIZE), "--batch-size", "4", "--steps", "2"]
+    settings += ["--quiet", "--device", "cpu", "--data", str(data)]
+    plain, reset = tmp_path / "plain", tmp_path / "reset"
+    assert main(["train", *settings, "--out", str(plain)]) == 0
+    monkeypatch.setattr(pretraining, "PRETRAIN_MAX_LOSS", 0.0)
+    assert main(["train", *settings, "--pretrain-steps", "3", "--out", str(reset)]) == 0
+    assert "did not learn the synthetic anomalies" in capsys.readouterr().err
+    a, b = load_checkpoint(plain), load_checkpoint(reset)
+    assert b["pretrain"]["step"] == 3 and b["pretrain"]["kept"] is False and "initial" not in b["pretrain"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
 
 
 def test_pretraining_needs_a_resnet_encoder(data: Path, tmp_path: Path, capsys) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cavga.data import (
 )
 from cavga.data.stream import ImageSource, default_workers, scan
 from cavga.engine import distributed
+from cavga.engine import pretrain as pretraining
 from cavga.engine.interrupt import StopAtStepEnd
 from cavga.engine.pretrain import (
     PRETRAIN_LR,
@@ -324,7 +326,7 @@ def train(
 
     if cfg.pretrain_steps > pre["step"]:
         pretrain(model, data.normal, cfg, device, world, pre, save, run, progress)
-    frozen = freeze_pretrained(model, cfg) if cfg.pretrain_steps else []
+    frozen = freeze_pretrained(model, cfg) if cfg.pretrain_steps and pre.get("kept", True) else []
     generator, discriminator = distributed.wrap(model, world, device)
     log_path = run / "log.csv" if world.main else Path(os.devnull)
     if world.main and (step == 0 or not log_path.exists()):
@@ -480,6 +482,8 @@ def pretrain(
     if start:
         seg.head.load_state_dict(pre["head"])
         opt.load_state_dict(pre["opt"])
+    else:  # the stages as they were, to set back if pre-training does not learn (see `kept`)
+        pre["initial"] = [{k: v.clone() for k, v in part.state_dict().items()} for part in seg.parts]
     ddp = nn.parallel.DistributedDataParallel
     net = ddp(seg, device_ids=distributed.device_ids(device)) if world.size > 1 else seg
     total = cfg.pretrain_steps
@@ -497,7 +501,7 @@ def pretrain(
         pre.update(step=step, seconds=round(seconds + time.perf_counter() - t0, 2))
         pre["loss"] = round(sum(recent) / len(recent), 4) if recent else None
         if finished:
-            for key in ("head", "opt", "recent"):
+            for key in ("head", "opt", "recent", "initial"):
                 pre.pop(key, None)
         else:
             pre.update(head=seg.head.state_dict(), opt=opt.state_dict(), recent=list(recent))
@@ -543,6 +547,18 @@ def pretrain(
     bar.close()
     for p, flag in zip(model.parameters(), requires_grad, strict=True):
         p.requires_grad_(flag)
+    final_loss = sum(recent) / len(recent) if recent else None
+    pre["kept"] = pretraining.kept(final_loss)
+    if not pre["kept"]:
+        for part, initial in zip(seg.parts, pre["initial"], strict=True):
+            part.load_state_dict(initial)
+        if world.main:
+            print(
+                f"encoder pre-training did not learn the synthetic anomalies (loss {final_loss:.3f} "
+                f"after {step} steps, above {pretraining.PRETRAIN_MAX_LOSS}): the stages it trained "
+                "are set back to their initial weights",
+                file=sys.stderr,
+            )
     keep(finished=True)
     return seg
 
