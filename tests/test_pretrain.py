@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 import cavga.engine.pretrain as pretraining
 import cavga.engine.train as train_mod
 from cavga.cli import main
-from cavga.config import make_config
+from cavga.config import DEFAULT_PRETRAIN_STEPS, DEFAULT_STEPS_AFTER_PRETRAIN, make_config
 from cavga.data.folder import load_image
 from cavga.data.synthetic import synthesize
 from cavga.engine.distributed import World
@@ -163,6 +163,24 @@ def test_compare_passes_pretraining_on_and_says_so(data: Path, tmp_path: Path) -
     args = ["compare", "--data", str(data), "--models", "cavga-ru", "--image-size", str(TINY_SIZE)]
     args += ["--steps", "1", "--batch-size", "4", "--seeds", "1", "--pretrain-steps", "2", "--out", str(out)]
     assert main([*args, "--quiet", "--device", "cpu"]) == 0
-    assert "1 steps after 2 pre-training steps" in (out / "compare.md").read_text()
+    # Two steps do not learn the synthetic anomalies, so the run set its stages back, and says so.
+    assert "1 steps after 2 pre-training steps (kept in 0 of 1 runs)" in (out / "compare.md").read_text()
     summary = (out / "runs" / "cavga-ru" / "brick" / "seed0" / "train_summary.json").read_text()
     assert '"pretrain_step": 2' in summary
+
+
+def test_the_default_schedule_pretrains_the_default_model_only() -> None:
+    """With no training length given, cavga-ru from random weights pre-trains, then takes fewer
+    CAVGA steps; any length, another model, other weights, a map that does not read the pre-trained
+    stages or the paper's preset keep the plain schedule."""
+    schedule = (DEFAULT_PRETRAIN_STEPS, DEFAULT_STEPS_AFTER_PRETRAIN)
+
+    def of(preset: str = "default", **given) -> tuple:
+        cfg = make_config(preset, **given)
+        return cfg.pretrain_steps, cfg.steps
+
+    assert of() == of(model="cavga-ru", image_size=64, anomaly_map="latent-stats") == schedule
+    assert of(steps=5) == (0, 5) and of(epochs=2) == (0, None)
+    assert of(pretrain_steps=100) == (100, None) and of(pretrain_steps=0) == (0, None)
+    assert of(model="cavga-du") == of(model="cavga-rw") == of(weights="imagenet") == (0, None)
+    assert of(anomaly_map="paper") == of("paper") == (0, None)

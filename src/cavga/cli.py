@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from cavga import __version__
-from cavga.config import DEFAULT_STEPS, PRECISIONS
+from cavga.config import DEFAULT_PRETRAIN_STEPS, DEFAULT_STEPS, DEFAULT_STEPS_AFTER_PRETRAIN, PRECISIONS
 from cavga.errors import CavgaError
 
 # The demo trains briefly: its default map measured the same after 1 and 60 steps on the demo data
@@ -170,8 +170,12 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 
 PRETRAIN_HELP = (
     "ResNet models: first train the encoder stages the memory map reads to mark synthetic anomalies of "
-    "the normal images, for N steps (default 0: none; about 1,000 where it pays: solar-cell cracks, "
-    "not digits or grass; see docs/method.md)"
+    f"the normal images, for N steps (default: {DEFAULT_PRETRAIN_STEPS} for cavga-ru when no --steps "
+    "or --epochs is given, else 0; set back when it does not learn them; see docs/method.md)"
+)
+LENGTH_HELP = (
+    f"(default for cavga-ru: {DEFAULT_PRETRAIN_STEPS} pre-training steps, then "
+    f"{DEFAULT_STEPS_AFTER_PRETRAIN} steps; other models: {DEFAULT_STEPS} steps)"
 )
 
 
@@ -360,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="default", help="default (measured on this project's data) or paper")
     t.add_argument("--image-size", type=int, default=None, help="square input size (default 128)")
     length = t.add_mutually_exclusive_group()
-    length.add_argument(
-        "--epochs", type=int, help=f"training length in epochs (default: {DEFAULT_STEPS} steps)"
-    )
+    length.add_argument("--epochs", type=int, help=f"training length in epochs {LENGTH_HELP}")
     length.add_argument("--steps", type=int, help="training length in steps (with --resume: new total)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
@@ -556,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--category", help="comma-separated categories / scenes / classes (default: all)")
     b_length = b.add_mutually_exclusive_group()
     b_length.add_argument("--epochs", type=int, help="training epochs per cell")
-    b_length.add_argument("--steps", type=int, help=f"training steps per cell (default {DEFAULT_STEPS})")
+    b_length.add_argument("--steps", type=int, help=f"training steps per cell {LENGTH_HELP}")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--download", action="store_true", help="MNIST-type sets: let torchvision download them")
     _add_run_settings(b, "benchmark")

@@ -156,7 +156,11 @@ def write_tables(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: P
         w.writeheader()
         w.writerows(rows)
     t = cells[0]["train"]
-    pretrained = f" after {t['pretrain_step']} pre-training steps" if t.get("pretrain_step") else ""
+    pretrained = ""
+    if t.get("pretrain_step"):
+        # Each run keeps its pre-trained stages only where pre-training learned (`pretrain.kept`).
+        kept = sum(bool(c["train"].get("pretrain_kept", True)) for c in cells)
+        pretrained = f" after {t['pretrain_step']} pre-training steps (kept in {kept} of {len(cells)} runs)"
     lines = [
         f"{len({c['seed'] for c in cells})} seeds × {len({c['category'] for c in cells})} categories; "
         f"{t['image_size']} px, batch {t['batch_size']}, {t['steps']} steps{pretrained}; "
