@@ -79,7 +79,8 @@ class TrainConfig:
     weak_fraction: float = 0.02
     # Encoder pre-training (ResNet models; 0: none): steps of `batch_size` normal images with synthetic
     # anomalies in which the stages the memory map reads learn to mark them, before the CAVGA steps
-    # (cavga.engine.pretrain; measured in docs/method.md: helps cracks, hurts digits and grass)
+    # (cavga.engine.pretrain; undone where it does not learn them). The default model's schedule sets
+    # it (see `make_config`); 0 here keeps every explicit configuration as it was.
     pretrain_steps: int = 0
     # Self-supervised models: the probability that a training image gets a synthetic anomaly
     synthetic: float = 0.0

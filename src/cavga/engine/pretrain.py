@@ -8,10 +8,12 @@ a 1×1 head on the memory map's own input (the stages, neighbourhood-averaged an
 with binary cross-entropy, the rare altered positions weighted up. Only normal training images are
 read, and each is seen as the maps see it (standardised when `feature_input` says so).
 
-Measured (docs/method.md, "Experiment: the encoder trained to segment synthetic anomalies"): it helps
-where defects are local and the synthetic ones are learned (solar-cell cracks, gravel), and it loses
-what random stages keep of a shape or a fine texture (digits, grass). So it is an option, not the
-default. The head is thrown away afterwards; the maps keep their memory of normal features.
+Measured (docs/method.md, "Experiment: the encoder trained to segment synthetic anomalies" and "The
+default schedule"): it helps where defects are local and the synthetic ones are learned (solar-cell
+cracks, gravel), and where they are not learned it loses what random stages keep of a shape or a
+fine texture (digits, the script's grass run). So a pre-training whose loss stays high is undone
+(`kept`), and the default model's schedule pre-trains (`cavga.config.DEFAULT_PRETRAIN_STEPS`). The
+head is thrown away afterwards; the maps keep their memory of normal features.
 """
 
 from __future__ import annotations
