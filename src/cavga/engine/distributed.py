@@ -43,6 +43,18 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def mean(self, value: float, device: torch.device) -> float:
+        """`value` averaged over the ranks (itself alone), so that every rank takes the same decision."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.size
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether `flag` is set on any rank."""
+        return self.mean(float(flag), device) > 0
+
 
 def setup(device: str) -> tuple[World, torch.device]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPUs, one GPU per local rank),

@@ -16,7 +16,8 @@ import threading
 from types import FrameType, TracebackType
 
 import torch
-import torch.distributed as dist
+
+from cavga.engine.distributed import World
 
 
 class StopNow(KeyboardInterrupt):
@@ -57,12 +58,8 @@ class StopAtStepEnd:
             signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
             self._previous = None
 
-    def requested(self, world_size: int = 1, device: torch.device | None = None) -> bool:
+    def requested(self, world: World, device: torch.device) -> bool:
         """Whether to stop now, at a step boundary. With several ranks every rank must stop at the
         same step (a rank that went on would wait for the others forever), so the request is shared:
         one tiny all-reduce per step."""
-        if world_size == 1:
-            return self.pressed
-        flag = torch.tensor([float(self.pressed)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return world.any(self.pressed, device)

@@ -396,7 +396,7 @@ def train(
                 log_file.flush()  # so a stopped run's log is complete up to its last step
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss" and v})
-                if stop.requested(world.size, device):
+                if stop.requested(world, device):
                     save()
                     bar.close()
                     raise RunError(
@@ -531,7 +531,7 @@ def pretrain(
                 log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.3g}")
-                if stop.requested(world.size, device):
+                if stop.requested(world, device):
                     keep()
                     bar.close()
                     raise RunError(
@@ -547,7 +547,8 @@ def pretrain(
     bar.close()
     for p, flag in zip(model.parameters(), requires_grad, strict=True):
         p.requires_grad_(flag)
-    final_loss = sum(recent) / len(recent) if recent else None
+    # Each rank saw its own share of the batches: the ranks decide on their mean loss, together.
+    final_loss = world.mean(sum(recent) / len(recent), device)
     pre["kept"] = pretraining.kept(final_loss)
     if not pre["kept"]:
         for part, initial in zip(seg.parts, pre["initial"], strict=True):
