@@ -399,10 +399,7 @@ def train(
                 if stop.requested(world, device):
                     save()
                     bar.close()
-                    raise RunError(
-                        f"interrupted at step {step}/{total}; saved {run / CHECKPOINT}, "
-                        "continue with --resume"
-                    )
+                    raise stopped_at("step", step, total, run)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                     save()
                     last_saved = f"{run / CHECKPOINT} (step {step})"
@@ -534,10 +531,7 @@ def pretrain(
                 if stop.requested(world, device):
                     keep()
                     bar.close()
-                    raise RunError(
-                        f"interrupted at pre-training step {step}/{total}; saved {run / CHECKPOINT}, "
-                        "continue with --resume"
-                    )
+                    raise stopped_at("pre-training step", step, total, run)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                     keep()
                     last_saved = f"{run / CHECKPOINT} (pre-training step {step})"
@@ -562,6 +556,11 @@ def pretrain(
             )
     keep(finished=True)
     return seg
+
+
+def stopped_at(what: str, step: int, total: int, run: Path) -> RunError:
+    """The error of a Ctrl-C honoured at a step boundary, after the run was saved."""
+    return RunError(f"interrupted at {what} {step}/{total}; saved {run / CHECKPOINT}, continue with --resume")
 
 
 def stopped_inside(what: str, step: int, total: int, last_saved: str) -> RunError:
