@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,12 @@ def tiny_run(tmp_path_factory) -> Path:
         main(["train", "--data", str(data), *settings, "--out", str(run), "--quiet", "--device", "cpu"]) == 0
     )
     return run
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT as an interactive terminal has it (Python's handler), whatever the test runner inherited
+    (a background job of a script ignores it); put back afterwards."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

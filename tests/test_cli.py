@@ -14,6 +14,7 @@ import torch
 from cavga.cli import main
 from cavga.data import make_demo_data
 from cavga.engine import train as train_mod
+from cavga.engine.interrupt import StopAtStepEnd
 from cavga.engine.run import load_checkpoint
 from cavga.engine.train import batch_indices
 from cavga.errors import RunError
@@ -121,7 +122,7 @@ def test_train_test_predict(data: Path, tmp_path: Path, model: str, capsys) -> N
             assert 0.0 <= float(row["class_probability"]) <= 1.0
 
 
-def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatch, capsys, ctrl_c) -> None:
     """Ctrl-C pressed as step 3 of 4 begins lets that step finish, saves the run at step 3, and
     resuming it gives the same weights as 4 steps in one go."""
     full, part = tmp_path / "full", tmp_path / "part"
@@ -151,7 +152,7 @@ def test_resume_matches_uninterrupted_run(data: Path, tmp_path: Path, monkeypatc
 
 
 def test_a_second_ctrl_c_stops_inside_the_step_and_saves_nothing(
-    data: Path, tmp_path: Path, monkeypatch, capsys
+    data: Path, tmp_path: Path, monkeypatch, capsys, ctrl_c
 ) -> None:
     """A second Ctrl-C stops at once, inside the step: the weights may be half updated, so the
     checkpoint of step 2 (saved every 2 steps) is left as it was."""
@@ -171,6 +172,16 @@ def test_a_second_ctrl_c_stops_inside_the_step_and_saves_nothing(
     assert "stopped inside step 3/4, unsaved" in err and "(step 2), continue with --resume" in err
     assert len(calls) == 3 and load_checkpoint(part)["step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_stays_ignored_where_it_was(ctrl_c) -> None:
+    """A run started with SIGINT ignored (`nohup`, a script's background job) does not start
+    listening to it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with StopAtStepEnd() as stop:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)
+    assert not stop.pressed and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_a_failed_calibration_loses_no_training(data: Path, tmp_path: Path, monkeypatch) -> None:

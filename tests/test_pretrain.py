@@ -86,7 +86,7 @@ def test_pretraining_learns_synthetic_anomalies_and_moves_only_the_stages_read(
 
 
 def test_pretraining_stopped_and_resumed_matches_an_uninterrupted_run(
-    data: Path, tmp_path: Path, monkeypatch, capsys, keep_any
+    data: Path, tmp_path: Path, monkeypatch, capsys, keep_any, ctrl_c
 ) -> None:
     """Ctrl-C in pre-training step 3 of 4 saves the run after that step; `--resume` finishes
     pre-training and the CAVGA steps with the weights of a run that was never stopped, and logs each

@@ -28,7 +28,8 @@ class StopAtStepEnd:
     """Context manager: `requested()` is true once Ctrl-C was pressed (on any rank).
 
     Outside the main thread (a service, a notebook's worker thread) no handler can be installed, and
-    Ctrl-C keeps Python's behaviour: a `KeyboardInterrupt` wherever it lands.
+    Ctrl-C keeps Python's behaviour: a `KeyboardInterrupt` wherever it lands. Where SIGINT is
+    ignored, it stays ignored.
     """
 
     def __init__(self, what: str = "step") -> None:
@@ -47,7 +48,9 @@ class StopAtStepEnd:
         )
 
     def __enter__(self) -> StopAtStepEnd:
-        if threading.current_thread() is threading.main_thread():
+        # A process started with SIGINT ignored (a background job of a script, `nohup`) keeps it so.
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
