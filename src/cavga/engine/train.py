@@ -396,13 +396,9 @@ def train(
                 log_file.flush()  # so a stopped run's log is complete up to its last step
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items() if k != "loss" and v})
-                if stop.requested(world, device):
-                    save()
-                    bar.close()
-                    raise stopped_at("step", step, total, run)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    save()
-                    last_saved = f"{run / CHECKPOINT} (step {step})"
+                last_saved = (
+                    end_of_step("step", step, total, cfg, run, save, stop, world, device, bar) or last_saved
+                )
         except KeyboardInterrupt:
             bar.close()
             raise stopped_inside("step", step, total, last_saved) from None
@@ -528,13 +524,10 @@ def pretrain(
                 log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.3g}")
-                if stop.requested(world, device):
-                    keep()
-                    bar.close()
-                    raise stopped_at("pre-training step", step, total, run)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    keep()
-                    last_saved = f"{run / CHECKPOINT} (pre-training step {step})"
+                last_saved = (
+                    end_of_step("pre-training step", step, total, cfg, run, keep, stop, world, device, bar)
+                    or last_saved
+                )
     except KeyboardInterrupt:
         bar.close()
         raise stopped_inside("pre-training step", step, total, last_saved) from None
@@ -558,9 +551,31 @@ def pretrain(
     return seg
 
 
-def stopped_at(what: str, step: int, total: int, run: Path) -> RunError:
-    """The error of a Ctrl-C honoured at a step boundary, after the run was saved."""
-    return RunError(f"interrupted at {what} {step}/{total}; saved {run / CHECKPOINT}, continue with --resume")
+def end_of_step(
+    what: str,
+    step: int,
+    total: int,
+    cfg: TrainConfig,
+    run: Path,
+    save: Callable[[], None],
+    stop: StopAtStepEnd,
+    world: distributed.World,
+    device: torch.device,
+    bar: tqdm,
+) -> str | None:
+    """After `step` of a loop (`what`: "step" or "pre-training step"): stop there if Ctrl-C asked,
+    the run saved first; else save it every `checkpoint_every` steps. Returns the checkpoint just
+    written, described, or None."""
+    if stop.requested(world, device):
+        save()
+        bar.close()
+        raise RunError(
+            f"interrupted at {what} {step}/{total}; saved {run / CHECKPOINT}, continue with --resume"
+        )
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+        save()
+        return f"{run / CHECKPOINT} ({what} {step})"
+    return None
 
 
 def stopped_inside(what: str, step: int, total: int, last_saved: str) -> RunError:
