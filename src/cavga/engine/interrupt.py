@@ -20,10 +20,6 @@ import torch
 from cavga.engine.distributed import World
 
 
-class StopNow(KeyboardInterrupt):
-    """A second Ctrl-C: stop inside the step, so the weights may be half updated and are not saved."""
-
-
 class StopAtStepEnd:
     """Context manager: `requested()` is true once Ctrl-C was pressed (on any rank).
 
@@ -38,8 +34,8 @@ class StopAtStepEnd:
         self._previous: object = None
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.pressed:
-            raise StopNow
+        if self.pressed:  # a second Ctrl-C: stop inside the step; the loop saves nothing
+            raise KeyboardInterrupt
         self.pressed = True
         print(
             f"\nstopping after this {self.what} (press Ctrl-C again to stop at once, unsaved)",

@@ -333,7 +333,7 @@ def train(
         log_path.write_text(",".join(["step", *LOSSES, "seconds"]) + "\n")
     elif world.main:
         keep_log_until(log_path, step)  # rows written after the checkpoint will be written again
-    last_saved = f"{run / CHECKPOINT} (step {step})" if ckpt is not None else "none (no checkpoint yet)"
+    last_saved = saved_checkpoint(run, "step", step)  # pre-training, when it ran, saved one
     with log_path.open("a", newline="") as log_file, StopAtStepEnd() as stop:
         log = csv.writer(log_file)
         bar = tqdm(
@@ -384,7 +384,8 @@ def train(
                     raise RunError(
                         f"training diverged at step {step}/{total}: "
                         + ", ".join(f"{k} = {v}" for k, v in bad.items())
-                        + f"; nothing was saved. Last good checkpoint: {last_saved}. Try a lower --lr"
+                        + f"; nothing was saved. Last good checkpoint: {last_saved or NO_CHECKPOINT}. "
+                        "Try a lower --lr"
                     )
                 log.writerow(
                     [
@@ -504,7 +505,7 @@ def pretrain(
     bar = tqdm(
         total=total, initial=start, disable=not progress or not world.main, desc="pretrain", unit="step"
     )
-    last_saved = f"{run / CHECKPOINT} (pre-training step {start})" if start else "none (no checkpoint yet)"
+    last_saved = saved_checkpoint(run, "pre-training step", start)
     try:
         with log_path.open("a") as log, StopAtStepEnd("pre-training step") as stop:
             for x in normal.take(batches):
@@ -574,17 +575,25 @@ def end_of_step(
         )
     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
         save()
-        return f"{run / CHECKPOINT} ({what} {step})"
+        return saved_checkpoint(run, what, step)
     return None
 
 
-def stopped_inside(what: str, step: int, total: int, last_saved: str) -> RunError:
+NO_CHECKPOINT = "none (no checkpoint yet)"
+
+
+def saved_checkpoint(run: Path, what: str, step: int) -> str | None:
+    """The run's checkpoint, described with the step it holds, or None where there is none yet."""
+    return f"{run / CHECKPOINT} ({what} {step})" if (run / CHECKPOINT).exists() else None
+
+
+def stopped_inside(what: str, step: int, total: int, last_saved: str | None) -> RunError:
     """The error of a second Ctrl-C (or one that no handler caught): the step it interrupted may be
     half applied, so nothing is saved over the last checkpoint."""
+    last = f"{last_saved}, continue with --resume" if last_saved else NO_CHECKPOINT
     return RunError(
         f"stopped inside {what} {step + 1}/{total}, unsaved (its weights may be half updated); "
-        f"last checkpoint: {last_saved}"
-        + ("" if last_saved.startswith("none") else ", continue with --resume")
+        f"last checkpoint: {last}"
     )
 
 
