@@ -20,6 +20,7 @@ from cavga.visualize import (
     save_map_png,
     save_mask_png,
     save_panel,
+    save_png,
 )
 
 
@@ -122,3 +123,20 @@ def test_save_map_and_mask_png(tmp_path: Path) -> None:
         stored = np.asarray(img)
     assert set(np.unique(stored).tolist()) == {0, 255}
     np.testing.assert_array_equal(stored == 255, mask)
+
+
+def test_save_png_is_lossless_and_uses_the_fast_level(tmp_path: Path) -> None:
+    """A noisy colour image (which zlib's levels compress differently) comes back pixel for pixel,
+    in the bytes Pillow writes at level 1, not those of its default level, and nested folders are made."""
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((40, 60, 3)) * 255).astype(np.uint8)
+    pixels[:, :30] //= 16  # a smoother half, so the levels differ
+    image = Image.fromarray(pixels)
+    path = tmp_path / "a" / "b" / "x.png"
+    save_png(image, path)
+    with Image.open(path) as img:
+        np.testing.assert_array_equal(np.asarray(img), pixels)
+    fast, default = tmp_path / "fast.png", tmp_path / "default.png"
+    image.save(fast, format="PNG", compress_level=1)
+    image.save(default, format="PNG")
+    assert path.read_bytes() == fast.read_bytes() != default.read_bytes()

@@ -32,7 +32,7 @@ from cavga import __version__
 from cavga.api import Prediction, PredictorBase, load_run
 from cavga.data import open_image
 from cavga.errors import reason, require
-from cavga.visualize import map_image, prediction_overlay
+from cavga.visualize import PNG_COMPRESS_LEVEL, map_image, prediction_overlay
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_BATCH = 16
@@ -102,7 +102,7 @@ class Batcher:
 
 def _png(image: Image.Image) -> str:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "save_map_png",
     "save_mask_png",
     "save_panel",
+    "save_png",
 ]
 
 PANEL_LABELS = ("input", "reconstruction", "attention", "anomaly map", "prediction")
@@ -40,6 +41,10 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 PRED_COLOR = (255, 0, 0)
 GT_COLOR = (0, 255, 0)
+# zlib level of every PNG we write. Pillow's default (6) made writing a test set's panels cost more
+# than scoring it: 36 ms per 664 × 166 panel against 9 ms at level 1, for files 13 % larger (the older
+# 2-core EPYC; 586 panels of ELPV poly: 21 s against 6 s).
+PNG_COMPRESS_LEVEL = 1
 
 # Jet-like colour map: dark blue -> blue -> cyan -> yellow -> red -> dark red.
 _JET_POS = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
@@ -245,9 +250,14 @@ def save_panel(
         draw.text((x, top), name, fill=_TEXT)
         canvas.paste(Image.fromarray(tile), (x, top + _LABEL_HEIGHT))
 
+    save_png(canvas, path)
+
+
+def save_png(image: Image.Image, path: str | PathLike[str]) -> None:
+    """Write `image` as a PNG at `PNG_COMPRESS_LEVEL`, creating the parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
+    image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def save_map_png(path: str | PathLike[str], anomaly_map: np.ndarray) -> None:
@@ -257,9 +267,7 @@ def save_map_png(path: str | PathLike[str], anomaly_map: np.ndarray) -> None:
         path: Output PNG path (parent folders are created).
         anomaly_map: ``(H, W)`` values, clipped to [0, 1].
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    map_image(anomaly_map).save(path, format="PNG")
+    save_png(map_image(anomaly_map), path)
 
 
 def map_image(anomaly_map: np.ndarray) -> Image.Image:
@@ -285,9 +293,7 @@ def save_mask_png(path: str | PathLike[str], mask: np.ndarray) -> None:
     binary = np.where(_plane(mask) > 0.5, 255, 0).astype(np.uint8)
     if binary.ndim != 2:
         raise ValueError(f"mask must have shape (H, W); got {np.shape(mask)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(binary).save(path, format="PNG")
+    save_png(Image.fromarray(binary), path)
 
 
 def save_grid(path: str | PathLike[str], rows: list[tuple[str, list[np.ndarray]]], title: str = "") -> None:
@@ -319,5 +325,4 @@ def save_grid(path: str | PathLike[str], rows: list[tuple[str, list[np.ndarray]]
             canvas.paste(
                 Image.fromarray(_enlarge(tile, factor)), (label_w + PANEL_PAD + c * (tw + PANEL_PAD), y)
             )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    save_png(canvas, path)

@@ -11,7 +11,7 @@ from PIL import Image
 from cavga.api import Prediction, PredictorBase
 from cavga.data import IMAGE_EXTENSIONS, ImageDataset, Sample, default_workers, loader
 from cavga.errors import DataError, reason, warn
-from cavga.visualize import prediction_overlay, save_map_png, save_mask_png
+from cavga.visualize import prediction_overlay, save_map_png, save_mask_png, save_png
 
 CSV_FIELDS = (
     "file",
@@ -182,7 +182,8 @@ def _write_outputs(
     save_map_png(out / names["map"], p.anomaly_map)
     save_mask_png(out / names["mask"], p.mask)
     # The overlay is drawn on the image at its own size (as a viewer shows it), as the user knows it.
-    prediction_overlay(image, p.anomaly_map, p.mask, predictor.channels == 1).save(out / names["overlay"])
+    overlay = prediction_overlay(image, p.anomaly_map, p.mask, predictor.channels == 1)
+    save_png(overlay, out / names["overlay"])
     return {
         "file": str(path),
         "score": f"{p.score:.6g}",
