@@ -41,9 +41,9 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 PRED_COLOR = (255, 0, 0)
 GT_COLOR = (0, 255, 0)
-# zlib level of every PNG we write. Pillow's default (6) made writing a test set's panels cost more
-# than scoring it: 36 ms per 664 × 166 panel against 9 ms at level 1, for files 13 % larger (the older
-# 2-core EPYC; 586 panels of ELPV poly: 21 s against 6 s).
+# zlib level of every PNG we write. At Pillow's default (6) a test panel of 664 × 166 took 36 ms to
+# encode, at level 1 9 ms, for a file 13 % larger; `cavga test` of ELPV poly's 586 images went from
+# 108 s to 82 s (the older 2-core EPYC).
 PNG_COMPRESS_LEVEL = 1
 
 # Jet-like colour map: dark blue -> blue -> cyan -> yellow -> red -> dark red.
