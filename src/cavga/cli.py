@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 
 from cavga import __version__
-from cavga.config import DEFAULT_PRETRAIN_STEPS, DEFAULT_STEPS, DEFAULT_STEPS_AFTER_PRETRAIN, PRECISIONS
+from cavga.config import (
+    DEFAULT_PRETRAIN_STEPS,
+    DEFAULT_STEPS,
+    DEFAULT_STEPS_AFTER_PRETRAIN,
+    PRECISIONS,
+    TrainConfig,
+    make_config,
+)
 from cavga.errors import CavgaError
 
 # The demo trains briefly: its default map measured the same after 1 and 60 steps on the demo data
@@ -60,7 +67,6 @@ def _train_args(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cavga.config import make_config
     from cavga.engine.train import train
 
     if not args.data and not args.resume:
@@ -268,8 +274,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_config(
+    image_size: int = DEMO_SIZE, steps: int = DEMO_STEPS, seed: int = 0, device: str = "auto"
+) -> TrainConfig:
+    """The configuration `cavga demo` trains each category with: CAVGA-Ru, briefly, a smaller memory."""
+    return make_config(
+        model="cavga-ru",
+        image_size=image_size,
+        steps=steps,
+        seed=seed,
+        device=device,
+        coreset_size=DEMO_CORESET,
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cavga.config import make_config
     from cavga.data import make_demo_data
     from cavga.engine.evaluate import METRIC_KEYS, evaluate, format_table
     from cavga.engine.run import write_json
@@ -285,14 +304,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run = out / "runs" / cat
         if (run / "checkpoint.pt").exists():
             raise CavgaError(f"{run} already holds a run; remove {out} or choose another --out")
-        cfg = make_config(
-            model="cavga-ru",
-            image_size=args.image_size,
-            steps=args.steps,
-            seed=args.seed,
-            device=args.device,
-            coreset_size=DEMO_CORESET,
-        )
+        cfg = demo_config(args.image_size, args.steps, args.seed, args.device)
         train(cfg, root, run, category=cat, progress=not args.quiet)
         result = evaluate(run, panels=True, device=args.device)
         print(f"\n== {cat} ==\n{format_table(result)}\n")

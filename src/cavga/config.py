@@ -15,9 +15,9 @@ DEFAULT_STEPS = 300
 # The default model's schedule when none of steps, epochs and pretrain_steps is given (the default
 # preset): encoder pre-training on synthetic anomalies, then fewer CAVGA steps. The default map reads
 # only the pre-trained stages, which the CAVGA steps keep fixed, so their number changes the paper's
-# maps, not the default one. 600 + 150 steps of 16 at 128 px: about 16 minutes alone on a 2-core AMD
-# EPYC (Zen 3) for 470 images, estimated from rates measured alone (35 minutes measured while shared
-# with other jobs), and about 23 on the slower machine (see docs/method.md, "The default schedule").
+# maps, not the default one. 600 + 150 steps of 16 at 128 px took 16 min 37 s alone on the slower
+# 2-core AMD EPYC (Zen 1) for ELPV poly's 736 images, calibration included, within the 30-minute
+# budget (see docs/method.md, "The default schedule").
 DEFAULT_PRETRAIN_STEPS = 600
 DEFAULT_STEPS_AFTER_PRETRAIN = 150
 PRECISIONS = ("fp32", "bf16", "fp16")

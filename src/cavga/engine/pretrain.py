@@ -104,9 +104,8 @@ def kept(final_loss: float) -> bool:
     Measured (docs/method.md, "The default schedule"): where the head learned the synthetic
     anomalies the trained stages gained or held (ELPV mono, loss 0.40-0.50: +0.02 to +0.03 image
     AUROC; gravel 0.54-0.64: +0.04 to +0.06 pixel AUROC; ELPV poly 0.44-0.49, brick 0.46 and grass
-    0.65: within ±0.015),
-    and where it did not they lost what the random stages carried (the script's grass run, 0.77:
-    image AUROC 0.81 → 0.65; digits 0.86-0.93: -0.03)."""
+    0.65: within ±0.015), and where it did not they lost what the random stages carried (the
+    script's grass run, 0.77: image AUROC 0.81 → 0.65; digits 0.86-0.93: -0.03)."""
     return final_loss <= PRETRAIN_MAX_LOSS
 
 
