@@ -23,6 +23,7 @@ from cavga.metrics import (
     pixel_iou,
     pro_curve,
     summarize,
+    summarize_maps,
 )
 
 METRIC_KEYS = {
@@ -306,6 +307,22 @@ def test_summarize_nan_becomes_none() -> None:
     assert overall["pixel_f1_max"] is None
     assert isinstance(overall["pixel_iou_all"], float)
     json.dumps(out, allow_nan=False)
+
+
+def test_summarize_maps_in_threads_equals_one_at_a_time() -> None:
+    """Several maps summarised in threads give each map's own `summarize`, under its name, and the
+    options (here a fixed image threshold and pixels left out) reach every one."""
+    maps, masks, scores, labels, types = summary_case()
+    rng = np.random.default_rng(1)
+    jobs = {f"m{k}": (maps * rng.random(), scores + rng.random(scores.shape)) for k in range(5)}
+    valid = np.array([1, 0, 1, 1, 1, 1], bool)
+    options = {"image_threshold": 0.5, "pixel_valid": valid}
+    for workers in (None, 1, 3):
+        out = summarize_maps(jobs, masks, labels, types, workers=workers, **options)
+        assert list(out) == list(jobs)
+        for name, (m, s) in jobs.items():
+            assert out[name] == summarize(m, masks, s, labels, types, **options)
+    assert out["m0"] != summarize(jobs["m0"][0], masks, jobs["m0"][1], labels, types)
 
 
 def test_summarize_pixel_metrics_match_the_exact_ones() -> None:

@@ -16,7 +16,7 @@ from cavga.data.stream import ImageDataset, default_workers, loader
 from cavga.engine.run import load_checkpoint, load_model, resolve_device, write_json
 from cavga.errors import DataError, RunError, warn
 from cavga.maps import MAPS, MapMaker, cheap_maps, run_maps
-from cavga.metrics import pro_curve, summarize
+from cavga.metrics import pro_curve, summarize, summarize_maps
 from cavga.networks import MODELS
 from cavga.visualize import chw_to_image, save_panel
 
@@ -134,17 +134,12 @@ def evaluate(
     seconds = time.perf_counter() - t0
     types = [s.defect_type for s in samples]
 
-    def metrics_of(maps: np.ndarray, scores: np.ndarray) -> dict:
-        return summarize(maps, masks, scores, labels, types, map_threshold=0.5, pixel_valid=pixel_valid)
-
-    per_map = {name: metrics_of(out[name], out[f"score/{name}"]) for name in MAPS if name in out}
+    jobs = {name: (out[name], out[f"score/{name}"]) for name in MAPS if name in out}
     mean_map = ckpt["calibration"]["mean_maps"][chosen].numpy()
-    constant = np.broadcast_to(mean_map, out[chosen].shape)
-    references = {
-        # A fixed map cannot rank images: its scores are constant, so image AUROC comes out at 0.5.
-        "image-independent": metrics_of(constant, np.zeros(len(samples))),
-        "residual": per_map["residual"],
-    }
+    # A fixed map cannot rank images: its scores are constant, so image AUROC comes out at 0.5.
+    jobs["image-independent"] = (np.broadcast_to(mean_map, out[chosen].shape), np.zeros(len(samples)))
+    per_map = summarize_maps(jobs, masks, labels, types, map_threshold=0.5, pixel_valid=pixel_valid)
+    references = {"image-independent": per_map.pop("image-independent"), "residual": per_map["residual"]}
     if "global_score" in out:
         # The whole-image nearest-neighbour score alone (image metrics only): what the fused score adds.
         references["whole-image"] = summarize(None, None, out["global_score"], labels, types)
