@@ -325,6 +325,26 @@ def test_summarize_maps_in_threads_equals_one_at_a_time() -> None:
     assert out["m0"] != summarize(jobs["m0"][0], masks, jobs["m0"][1], labels, types)
 
 
+def test_summarize_maps_runs_one_map_at_a_time_when_threads_would_not_fit(monkeypatch) -> None:
+    """Threads each hold a map's temporaries; when `METRICS_MEMORY` affords only one, no pool is made."""
+    from cavga import metrics
+
+    maps, masks, scores, labels, types = summary_case()
+    jobs = {"a": (maps, scores), "b": (maps * 0.5, scores)}
+    monkeypatch.setattr(metrics, "METRICS_MEMORY", metrics.SUMMARY_BYTES_PER_PIXEL * masks.size * 2 - 1)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a thread pool was made")
+
+    monkeypatch.setattr(metrics, "ThreadPoolExecutor", no_pool)
+    monkeypatch.setattr(metrics.os, "cpu_count", lambda: 2)
+    out = summarize_maps(jobs, masks, labels, types)
+    assert out["a"] == summarize(maps, masks, scores, labels, types)
+    monkeypatch.setattr(metrics, "METRICS_MEMORY", metrics.SUMMARY_BYTES_PER_PIXEL * masks.size * 2)
+    with pytest.raises(AssertionError, match="thread pool"):
+        summarize_maps(jobs, masks, labels, types)
+
+
 def test_summarize_pixel_metrics_match_the_exact_ones() -> None:
     """`summarize` counts pixels on quantised maps (no sorting); on continuous maps its figures stay
     within 1e-5 of scikit-learn's and of the exact PRO curve, and where the maps hold few distinct
