@@ -198,3 +198,28 @@ def test_mask_guided_attention_loss_by_hand():
     expected = (0.25 + 0.5) / 2
     loss = mask_guided_attention_loss(a_n, a_a, logits, labels, masks)
     torch.testing.assert_close(loss, torch.tensor(expected))
+
+
+def test_the_generator_step_computes_no_gradient_for_the_discriminator():
+    """Dis learns from its own loss only. The generator's adversarial term flows through Dis back to
+    x̂ (with only that term on, the decoder's gradient comes from it) but computes none for Dis's
+    weights, which Dis's next step would throw away: each Dis weight receives one gradient per
+    training step, and Dis is trainable again after it."""
+    from cavga.config import make_config
+    from cavga.engine.train import train_step
+    from cavga.networks import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cavga-ru", 32, 1)
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    opt_g = torch.optim.SGD(model.generator_parameters(), lr=0.0)
+    opt_d = torch.optim.SGD(model.discriminator.parameters(), lr=0.0)
+    counts: dict[str, int] = {}
+    for name, p in model.discriminator.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, n=name: counts.__setitem__(n, counts.get(n, 0) + 1))
+    cfg = make_config(model="cavga-ru", image_size=32, w_rec=0.0, w_kl=0.0, w_ae=0.0, w_adv=1.0)
+    train_step(model, x, torch.zeros(2, dtype=torch.long), cfg, opt_g, opt_d, adversarial=True)
+    assert counts == {name: 1 for name, _ in model.discriminator.named_parameters()}
+    assert all(p.requires_grad for p in model.discriminator.parameters())
+    decoder = [p.grad for p in model.decoder.parameters() if p.grad is not None]
+    assert decoder and sum(g.abs().sum() for g in decoder) > 0

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -617,6 +618,20 @@ def step_noise(seed: int, step: int, global_size: int, world: distributed.World)
     return noise
 
 
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """`module`'s parameters need no gradient inside the block (gradients still flow through it to
+    its inputs); their own settings come back after it."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
 def train_step(
     model,
     x: torch.Tensor,
@@ -670,8 +685,10 @@ def train_step(
         opt_d.zero_grad(set_to_none=True)
         backward(terms["adv_d"])
         step(opt_d)
-        with autocast:
+        with autocast, frozen(model.discriminator):
             # The module itself, not its DDP wrapper: these gradients are the generator's business.
+            # Frozen, so the backward computes no weight gradients for Dis, which its own step would
+            # throw away (oneDNN computes weight gradients at about half its forward rate).
             terms["adv_g"] = generator_adversarial_loss(model.discriminator(out.recon))
     with autocast:
         terms["rec"] = reconstruction_loss(out.logits.float(), target, cfg.reduction, cfg.rec_loss)
@@ -697,5 +714,4 @@ def train_step(
     step(opt_g)
     if scaler is not None:
         scaler.update()
-    # The generator's backward also left gradients in Dis; its own step clears them first.
     return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
