@@ -171,14 +171,49 @@ def test_standardised_feature_input_makes_the_maps_blind_to_brightness_and_contr
 
 def test_a_run_saved_before_the_standardised_default_keeps_raw_features() -> None:
     """The default became "standardised"; a run saved without the setting was made with raw
-    features, and its calibration only fits those."""
+    features, and its calibration only fits those. Likewise a run saved before the gradient
+    histograms keeps a whole-image embedding without them."""
     from cavga.config import TrainConfig, make_config
 
     saved = TrainConfig().to_dict()
-    del saved["feature_input"]
+    del saved["feature_input"], saved["gradient_histograms"]
     assert TrainConfig.from_saved(saved).feature_input == "raw"
     assert TrainConfig.from_saved({**saved, "feature_input": "standardised"}).feature_input == "standardised"
     assert make_config().feature_input == "standardised"
+    assert not TrainConfig.from_saved(saved).gradient_histograms
+    assert make_config().gradient_histograms
+
+
+@pytest.mark.parametrize(("channels", "side", "cells"), [(1, 32, 4), (3, 24, 4), (1, 30, 4), (1, 64, 8)])
+def test_gradient_histograms_are_scikit_images_hog(channels, side, cells):
+    """Ours equals `skimage.feature.hog` (its defaults, 2 × 2 cells per block, L2-Hys) on random
+    images: grey and colour (the strongest channel per pixel), and a side the cells do not divide
+    (the last pixels are left out, as scikit-image does)."""
+    from skimage.feature import hog
+
+    x = torch.rand(
+        2, channels, side, side, generator=torch.Generator().manual_seed(side), dtype=torch.float64
+    )
+    ours = memory_module.gradient_histograms(x, cells)
+    for image, got in zip(x, ours, strict=True):
+        image = image.permute(1, 2, 0).numpy()
+        expected = hog(
+            image if channels > 1 else image[..., 0],
+            pixels_per_cell=(side // cells, side // cells),
+            cells_per_block=(2, 2),
+            channel_axis=-1 if channels > 1 else None,
+        )
+        torch.testing.assert_close(got, torch.from_numpy(expected), rtol=0, atol=1e-6)
+
+
+def test_gradient_histograms_see_orientation_not_brightness():
+    """A vertical edge and a horizontal one differ; the same edge brighter and stronger does not."""
+    edge = torch.zeros(1, 1, 16, 16)
+    edge[..., 8:] = 1.0
+    across = edge.transpose(-1, -2)
+    h = memory_module.gradient_histograms
+    torch.testing.assert_close(h(edge, 4), h(3 * edge + 1, 4), rtol=0, atol=1e-5)
+    assert (h(edge, 4) - h(across, 4)).abs().max() > 0.5
 
 
 def test_training_and_prediction_import_neither_torchvision_nor_scikit_learn():

@@ -22,7 +22,7 @@ DEFAULT_PRETRAIN_STEPS = 600
 DEFAULT_STEPS_AFTER_PRETRAIN = 150
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings whose default changed, with the value a saved run that lacks them was made with.
-SAVED_BEFORE = {"feature_input": "raw"}
+SAVED_BEFORE = {"feature_input": "raw", "gradient_histograms": False}
 
 
 @dataclass
@@ -71,6 +71,10 @@ class TrainConfig:
     # unit variance first; measured better on ELPV, the demo textures and digits, see docs/method.md)
     # or "raw" (the image in [0, 1]; what runs saved before the option existed used)
     feature_input: str = "standardised"
+    # The whole-image embedding of the fused score also holds histograms of oriented gradients (HOG) of
+    # the whole image on a 4 × 4 grid: shape and layout beside the pixels and pooled features (measured
+    # better on digits, the same on ELPV; see docs/method.md). Runs saved before it had none.
+    gradient_histograms: bool = True
     blur: float = 1 / 32  # Gaussian smoothing of the maps, σ as a fraction of the image size
     calib_fraction: float = 0.1  # normal training images held out to calibrate thresholds
     false_alarm_rate: float = 0.01  # target on held-out normal images for the calibrated thresholds

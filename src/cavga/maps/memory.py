@@ -6,8 +6,9 @@ whole-image nearest neighbour.
   greedy coreset; the map is each position's distance to its nearest kept feature.
 - `nearest-image`: the whole image, standardised, against every normal training image; the map is
   |x − nearest| and the image score the distance.
-- `ImageMemory`: a whole-image embedding (standardised pixels and pooled features) of every training
-  image, whose nearest-neighbour distance is the whole-image score fused with a map's peak.
+- `ImageMemory`: a whole-image embedding (standardised pixels, pooled features and histograms of
+  oriented gradients) of every training image, whose nearest-neighbour distance is the whole-image
+  score fused with a map's peak.
 
 Distances are computed in chunks so memory stays bounded whatever the number of images.
 """
@@ -35,6 +36,8 @@ BANK_DTYPE = torch.float16
 NEAREST_IMAGE_SIZE = 64  # the nearest-image map compares images at most this size (pixels per side)
 GLOBAL_PIXELS = 32  # the whole-image embedding's pixel part, at most this size per side
 GLOBAL_GRID = 4  # the whole-image embedding pools each stage to GLOBAL_GRID × GLOBAL_GRID
+ORIENTATIONS = 9  # unsigned orientation bins of the embedding's gradient histograms (Dalal & Triggs)
+HYS_CLIP = 0.2  # L2-Hys: each normalised block value is clipped here, then the block normalised again
 
 
 def greedy_coreset(features: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -187,12 +190,48 @@ register_map(
 )
 
 
+def gradient_histograms(
+    x: torch.Tensor, cells: int, bins: int = ORIENTATIONS, eps: float = 1e-5
+) -> torch.Tensor:
+    """(B, D) histograms of oriented gradients (HOG; Dalal & Triggs, CVPR 2005) of images (B, C, H, W)
+    on a `cells` × `cells` grid: what `skimage.feature.hog` gives with `pixels_per_cell` = the side
+    over `cells` (square images), `cells_per_block=(2, 2)` and its other defaults. That is, central
+    differences, for colour the channel with the largest gradient at each pixel, `bins` unsigned
+    orientations, each cell's mean magnitude per orientation, and blocks of 2 × 2 cells normalised
+    with L2-Hys.
+
+    Written in torch rather than called from scikit-image so that it runs in batches on the model's
+    device and inside an exported ONNX graph; a test checks it against scikit-image."""
+    rows = F.pad(x[:, :, 2:] - x[:, :, :-2], (0, 0, 1, 1))
+    cols = F.pad(x[..., 2:] - x[..., :-2], (1, 1))
+    magnitude = (rows * rows + cols * cols).sqrt()  # not torch.hypot: ONNX has no such operator
+    if x.shape[1] > 1:
+        strongest = magnitude.argmax(1, keepdim=True)
+        rows, cols, magnitude = (t.gather(1, strongest) for t in (rows, cols, magnitude))
+    angle = torch.remainder(torch.rad2deg(torch.atan2(rows, cols)), 180)[:, 0]
+    which = torch.floor(angle * (bins / 180)).clamp(max=bins - 1).long()
+    votes = F.one_hot(which, bins).permute(0, 3, 1, 2).to(x.dtype) * magnitude  # (B, bins, H, W)
+    h, w = x.shape[-2] // cells, x.shape[-1] // cells
+    hist = F.avg_pool2d(votes[..., : h * cells, : w * cells], (h, w))  # (B, bins, cells, cells)
+    n = cells - 1
+    blocks = torch.stack([hist[:, :, r : r + n, c : c + n] for r in (0, 1) for c in (0, 1)], -1)
+    blocks = blocks.permute(0, 2, 3, 4, 1).flatten(3)  # (B, n, n, 4·bins): cell-major, as scikit-image
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / torch.sqrt(v.pow(2).sum(-1, keepdim=True) + eps**2)
+
+    return unit(unit(blocks).clamp(max=HYS_CLIP)).flatten(1)
+
+
 def image_embedding(x: torch.Tensor, out: ModelOutput, cfg: TrainConfig) -> list[torch.Tensor]:
     """Blocks of a whole-image embedding: the standardised image at ≤ `GLOBAL_PIXELS` px, then each
-    `stats_layers` stage pooled to a `GLOBAL_GRID` grid; each (B, D_i)."""
+    `stats_layers` stage pooled to a `GLOBAL_GRID` grid, then (with `cfg.gradient_histograms`) the
+    standardised image's histograms of oriented gradients on that grid; each (B, D_i)."""
     blocks = [_small(x, GLOBAL_PIXELS).flatten(1)]
     for name in available_layers(out, cfg.stats_layers):
         blocks.append(F.adaptive_avg_pool2d(layer(out, name), GLOBAL_GRID).flatten(1))
+    if cfg.gradient_histograms:
+        blocks.append(gradient_histograms(standardize(x.float()), GLOBAL_GRID))
     return [b.float() for b in blocks]
 
 
