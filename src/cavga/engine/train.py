@@ -327,7 +327,8 @@ def train(
 
     if cfg.pretrain_steps > pre["step"]:
         pretrain(model, data.normal, cfg, device, world, pre, save, run, progress)
-    frozen = freeze_pretrained(model, cfg) if cfg.pretrain_steps and pre.get("kept", True) else []
+    # Kept or set back, the stages the default map reads stay as pre-training left them.
+    frozen = freeze_pretrained(model, cfg) if cfg.pretrain_steps else []
     generator, discriminator = distributed.wrap(model, world, device)
     log_path = run / "log.csv" if world.main else Path(os.devnull)
     if world.main and (step == 0 or not log_path.exists()):
