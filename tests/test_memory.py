@@ -176,11 +176,12 @@ def test_a_run_saved_before_the_standardised_default_keeps_raw_features() -> Non
     from cavga.config import TrainConfig, make_config
 
     saved = TrainConfig().to_dict()
-    del saved["feature_input"], saved["gradient_histograms"]
+    del saved["feature_input"], saved["gradient_histograms"], saved["memory_texture"]
     assert TrainConfig.from_saved(saved).feature_input == "raw"
     assert TrainConfig.from_saved({**saved, "feature_input": "standardised"}).feature_input == "standardised"
     assert make_config().feature_input == "standardised"
     assert not TrainConfig.from_saved(saved).gradient_histograms
+    assert TrainConfig.from_saved(saved).memory_texture == 0
     assert make_config().gradient_histograms
 
 
@@ -214,6 +215,46 @@ def test_gradient_histograms_see_orientation_not_brightness():
     h = memory_module.gradient_histograms
     torch.testing.assert_close(h(edge, 4), h(3 * edge + 1, 4), rtol=0, atol=1e-5)
     assert (h(edge, 4) - h(across, 4)).abs().max() > 0.5
+
+
+def test_local_texture_on_stripes_and_a_step():
+    """Per cell: the share of gradient energy in each orientation (vertical stripes: all at 0°,
+    horizontal ones: all at 90°, the fifth of nine bins), and the mean and spread of the standardised
+    pixels (a dark and a bright half: each half's standardised value, spread 0)."""
+    columns = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(4)  # period 4: central differences ±1 or 0
+    stripes = columns.expand(16, 16)[None, None].clone()
+    n = memory_module.ORIENTATIONS
+    for image, bin_ in ((stripes, 0), (stripes.transpose(-1, -2), 4)):
+        shares = memory_module.local_texture(image, grid=2, pool=1)[:, :n]
+        expected = torch.zeros(1, n, 2, 2)
+        expected[:, bin_] = 1.0
+        torch.testing.assert_close(shares, expected, rtol=0, atol=1e-3)  # eps in the share's denominator
+    step = torch.zeros(1, 1, 16, 16)
+    step[..., 8:] = 1.0
+    texture = memory_module.local_texture(step, grid=2, pool=1)
+    level = memory_module.standardize(step)[0, 0, 0]  # the two halves' standardised values
+    torch.testing.assert_close(texture[0, n + 1], torch.stack([level[[0, 8]]] * 2))
+    torch.testing.assert_close(texture[0, n + 2], torch.zeros(2, 2), rtol=0, atol=1e-3)
+
+
+def test_texture_block_is_standardised_and_scaled_against_the_features(anchor):
+    """With `memory_texture` = w, the texture columns of the memory (every candidate kept) have mean 0
+    and standard deviation w·√(total variance of the features)/√(channels) per channel over the
+    training positions, and the map reads the same scaling."""
+    model, cfg, train, calib, _ = anchor
+    cfg = dataclasses.replace(cfg, memory_texture=2.0)
+    cal = calibrate(model, cfg, train, calib, CPU, maps=("memory",))
+    state = cal["fitted"]["memory"]
+    bank, width = state["bank"], memory_module.ORIENTATIONS + 3
+    spread = bank[:, :-width].var(0).sum().sqrt()
+    assert state["texture"]["scale"] == pytest.approx(2.0 * float(spread) / width**0.5, rel=1e-4)
+    texture = bank[:, -width:]
+    torch.testing.assert_close(texture.mean(0), torch.zeros(width), rtol=0, atol=1e-3)
+    torch.testing.assert_close(
+        texture.std(0), torch.full((width,), state["texture"]["scale"]), rtol=1e-3, atol=0
+    )
+    # A training image's own positions are in the memory with its texture: distance near 0.
+    assert MapMaker(model, cfg, cal, CPU, maps=("memory",)).raw(train[:1])["memory"].abs().max() < 5e-3
 
 
 def test_training_and_prediction_import_neither_torchvision_nor_scikit_learn():

@@ -22,7 +22,7 @@ DEFAULT_PRETRAIN_STEPS = 600
 DEFAULT_STEPS_AFTER_PRETRAIN = 150
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings whose default changed, with the value a saved run that lacks them was made with.
-SAVED_BEFORE = {"feature_input": "raw", "gradient_histograms": False}
+SAVED_BEFORE = {"feature_input": "raw", "gradient_histograms": False, "memory_texture": 0.0}
 
 
 @dataclass
@@ -64,6 +64,10 @@ class TrainConfig:
     memory_pool: int = 3
     memory_candidates: int = 40_000
     coreset_size: int = 4_000
+    # Weight of the local texture statistics (orientation shares, gradient energy, mean and spread of
+    # each cell's neighbourhood) beside the encoder features in the memory, relative to those
+    # features' root total variance; 0: none (runs saved before it had none). See docs/method.md.
+    memory_texture: float = 1.0
     # Image score of the calibrated maps: "peak" (the map's maximum, or its own score) or "fused" (that
     # and the whole-image nearest-neighbour distance, standardised on held-out normal images, averaged)
     image_score: str = "fused"

@@ -38,6 +38,7 @@ GLOBAL_PIXELS = 32  # the whole-image embedding's pixel part, at most this size 
 GLOBAL_GRID = 4  # the whole-image embedding pools each stage to GLOBAL_GRID × GLOBAL_GRID
 ORIENTATIONS = 9  # unsigned orientation bins of the embedding's gradient histograms (Dalal & Triggs)
 HYS_CLIP = 0.2  # L2-Hys: each normalised block value is clipped here, then the block normalised again
+TEXTURE_EPS = 1e-3  # `local_texture`: added to the gradient energy of a cell (of a standardised image)
 
 
 def greedy_coreset(features: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -101,6 +102,45 @@ def nearest_distance(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Ten
     return (query - bank[index].to(dtype)).norm(dim=1), index
 
 
+def orientation_votes(x: torch.Tensor, bins: int = ORIENTATIONS) -> torch.Tensor:
+    """(B, bins, H, W): each pixel's gradient magnitude in the bin of its unsigned orientation, zero in
+    the others. Central differences (zero on the border rows and columns), and for colour the channel
+    with the largest gradient at each pixel, as `skimage.feature.hog` computes them."""
+    rows = F.pad(x[:, :, 2:] - x[:, :, :-2], (0, 0, 1, 1))
+    cols = F.pad(x[..., 2:] - x[..., :-2], (1, 1))
+    magnitude = (rows * rows + cols * cols).sqrt()  # not torch.hypot: ONNX has no such operator
+    if x.shape[1] > 1:
+        strongest = magnitude.argmax(1, keepdim=True)
+        rows, cols, magnitude = (t.gather(1, strongest) for t in (rows, cols, magnitude))
+    angle = torch.remainder(torch.rad2deg(torch.atan2(rows, cols)), 180)[:, 0]
+    which = torch.floor(angle * (bins / 180)).clamp(max=bins - 1).long()
+    return F.one_hot(which, bins).permute(0, 3, 1, 2).to(x.dtype) * magnitude
+
+
+def gradient_histograms(
+    x: torch.Tensor, cells: int, bins: int = ORIENTATIONS, eps: float = 1e-5
+) -> torch.Tensor:
+    """(B, D) histograms of oriented gradients (HOG; Dalal & Triggs, CVPR 2005) of images (B, C, H, W)
+    on a `cells` × `cells` grid: what `skimage.feature.hog` gives with `pixels_per_cell` = the side
+    over `cells` (square images), `cells_per_block=(2, 2)` and its other defaults. That is, the votes
+    of `orientation_votes`, each cell's mean per orientation, and blocks of 2 × 2 cells normalised
+    with L2-Hys.
+
+    Written in torch rather than called from scikit-image so that it runs in batches on the model's
+    device and inside an exported ONNX graph; a test checks it against scikit-image."""
+    h, w = x.shape[-2] // cells, x.shape[-1] // cells
+    votes = orientation_votes(x, bins)[..., : h * cells, : w * cells]
+    hist = F.avg_pool2d(votes, (h, w))  # (B, bins, cells, cells)
+    n = cells - 1
+    blocks = torch.stack([hist[:, :, r : r + n, c : c + n] for r in (0, 1) for c in (0, 1)], -1)
+    blocks = blocks.permute(0, 2, 3, 4, 1).flatten(3)  # (B, n, n, 4·bins): cell-major, as scikit-image
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / torch.sqrt(v.pow(2).sum(-1, keepdim=True) + eps**2)
+
+    return unit(unit(blocks).clamp(max=HYS_CLIP)).flatten(1)
+
+
 def memory_features(out: ModelOutput, cfg: TrainConfig) -> torch.Tensor:
     """(B, D, h, w): the memory stages, neighbourhood-averaged, at the finest stage's grid, stacked."""
     names = available_layers(out, cfg.memory_layers)
@@ -111,9 +151,53 @@ def memory_features(out: ModelOutput, cfg: TrainConfig) -> torch.Tensor:
     )
 
 
+def local_texture(x: torch.Tensor, grid: int, pool: int) -> torch.Tensor:
+    """(B, ORIENTATIONS + 3, grid, grid): for each cell of a grid × grid division of the standardised
+    image, over its pool × pool neighbourhood of cells, the share of the gradient energy in each
+    orientation, the log of that energy, and the mean and standard deviation of the pixels.
+
+    These are what a foreign piece of texture or a faded region changes (the demo's `patch` and
+    `color` defects on grass and gravel), where random or briefly trained encoder features change
+    little; see docs/method.md."""
+    x = standardize(x.float())
+
+    def pooled(t: torch.Tensor) -> torch.Tensor:
+        cells = F.adaptive_avg_pool2d(t, grid)
+        return F.avg_pool2d(cells, pool, stride=1, padding=pool // 2, count_include_pad=False)
+
+    energy_by_orientation = pooled(orientation_votes(x))
+    energy = energy_by_orientation.sum(1, keepdim=True)
+    grey = x.mean(1, keepdim=True)
+    mean = pooled(grey)
+    spread = (pooled(grey * grey) - mean * mean).clamp_min(0).sqrt()
+    log_energy = torch.log(energy + TEXTURE_EPS)
+    return torch.cat([energy_by_orientation / (energy + TEXTURE_EPS), log_energy, mean, spread], 1)
+
+
+def memory_input(x: torch.Tensor, out: ModelOutput, cfg: TrainConfig) -> torch.Tensor:
+    """(B, D, h, w): `memory_features`, followed with `cfg.memory_texture` by the raw `local_texture`
+    block on the same grid (scaled by `scale_texture` with the fitted state)."""
+    f = memory_features(out, cfg)
+    if not cfg.memory_texture:
+        return f
+    return torch.cat([f, local_texture(x, f.shape[-1], cfg.memory_pool).to(f.dtype)], 1)
+
+
+def scale_texture(f: torch.Tensor, state: dict | None) -> torch.Tensor:
+    """Rows (N, D) of `memory_input` with the texture block (its last columns) standardised per channel
+    and scaled as fitted; unchanged without one."""
+    if not state:
+        return f
+    width = len(state["mean"])
+    texture = (f[:, -width:] - state["mean"].to(f)) / state["std"].to(f) * state["scale"]
+    return torch.cat([f[:, :-width], texture], 1)
+
+
 class MemoryFitter(Fitter):
     """Up to `memory_candidates` training positions (an equal, seeded share per image), then the
-    greedy coreset of `coreset_size` of them."""
+    greedy coreset of `coreset_size` of them. With `memory_texture` the texture block is first
+    standardised per channel over the candidates and scaled to `memory_texture` times the encoder
+    features' root total variance (so its weight does not depend on the encoder's scale)."""
 
     def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int):
         self.cfg, self.n_images = cfg, max(1, n_images)
@@ -121,7 +205,7 @@ class MemoryFitter(Fitter):
         self.parts: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor, out: ModelOutput) -> None:
-        f = memory_features(out, self.cfg).float()
+        f = memory_input(x, out, self.cfg).float()
         B, D, h, w = f.shape
         flat = f.permute(0, 2, 3, 1).reshape(B, h * w, D).cpu()
         per_image = max(1, min(h * w, self.cfg.memory_candidates // self.n_images))
@@ -131,15 +215,28 @@ class MemoryFitter(Fitter):
 
     def finish(self) -> dict:
         candidates = join(self.parts)
+        texture = None
+        if self.cfg.memory_texture:
+            width = ORIENTATIONS + 3
+            block, features = candidates[:, -width:], candidates[:, :-width]
+            spread = float(features.var(0).sum().sqrt()) if len(candidates) > 1 else 1.0
+            texture = {
+                "mean": block.mean(0),
+                "std": block.std(0) + 1e-6 if len(candidates) > 1 else torch.ones(width),
+                "scale": self.cfg.memory_texture * spread / math.sqrt(width),
+            }
+            candidates = scale_texture(candidates, texture)
         keep, radius = greedy_coreset(candidates, self.cfg.coreset_size, self.cfg.seed)
-        return {"bank": candidates[keep].contiguous(), "radius": radius, "n_candidates": len(candidates)}
+        state = {"bank": candidates[keep].contiguous(), "radius": radius, "n_candidates": len(candidates)}
+        return {**state, "texture": texture} if texture else state
 
 
 def _memory(ctx: MapContext) -> tuple[torch.Tensor, None]:
-    f = memory_features(ctx.out, ctx.cfg)
+    f = memory_input(ctx.x, ctx.out, ctx.cfg)
     B, D, h, w = f.shape
-    bank = ctx.fitted["memory"]["bank"].to(f.device)
-    d, _ = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, D), bank)
+    fitted = ctx.fitted["memory"]
+    rows = scale_texture(f.permute(0, 2, 3, 1).reshape(-1, D), fitted.get("texture"))
+    d, _ = nearest_distance(rows, fitted["bank"].to(f.device))
     return blur(upsample(d.view(B, h, w), ctx.size), ctx.cfg), None
 
 
@@ -188,39 +285,6 @@ register_map(
         fitter=NearestImageFitter,
     )
 )
-
-
-def gradient_histograms(
-    x: torch.Tensor, cells: int, bins: int = ORIENTATIONS, eps: float = 1e-5
-) -> torch.Tensor:
-    """(B, D) histograms of oriented gradients (HOG; Dalal & Triggs, CVPR 2005) of images (B, C, H, W)
-    on a `cells` × `cells` grid: what `skimage.feature.hog` gives with `pixels_per_cell` = the side
-    over `cells` (square images), `cells_per_block=(2, 2)` and its other defaults. That is, central
-    differences, for colour the channel with the largest gradient at each pixel, `bins` unsigned
-    orientations, each cell's mean magnitude per orientation, and blocks of 2 × 2 cells normalised
-    with L2-Hys.
-
-    Written in torch rather than called from scikit-image so that it runs in batches on the model's
-    device and inside an exported ONNX graph; a test checks it against scikit-image."""
-    rows = F.pad(x[:, :, 2:] - x[:, :, :-2], (0, 0, 1, 1))
-    cols = F.pad(x[..., 2:] - x[..., :-2], (1, 1))
-    magnitude = (rows * rows + cols * cols).sqrt()  # not torch.hypot: ONNX has no such operator
-    if x.shape[1] > 1:
-        strongest = magnitude.argmax(1, keepdim=True)
-        rows, cols, magnitude = (t.gather(1, strongest) for t in (rows, cols, magnitude))
-    angle = torch.remainder(torch.rad2deg(torch.atan2(rows, cols)), 180)[:, 0]
-    which = torch.floor(angle * (bins / 180)).clamp(max=bins - 1).long()
-    votes = F.one_hot(which, bins).permute(0, 3, 1, 2).to(x.dtype) * magnitude  # (B, bins, H, W)
-    h, w = x.shape[-2] // cells, x.shape[-1] // cells
-    hist = F.avg_pool2d(votes[..., : h * cells, : w * cells], (h, w))  # (B, bins, cells, cells)
-    n = cells - 1
-    blocks = torch.stack([hist[:, :, r : r + n, c : c + n] for r in (0, 1) for c in (0, 1)], -1)
-    blocks = blocks.permute(0, 2, 3, 4, 1).flatten(3)  # (B, n, n, 4·bins): cell-major, as scikit-image
-
-    def unit(v: torch.Tensor) -> torch.Tensor:
-        return v / torch.sqrt(v.pow(2).sum(-1, keepdim=True) + eps**2)
-
-    return unit(unit(blocks).clamp(max=HYS_CLIP)).flatten(1)
 
 
 def image_embedding(x: torch.Tensor, out: ModelOutput, cfg: TrainConfig) -> list[torch.Tensor]:
