@@ -62,6 +62,7 @@ def _train_args(args: argparse.Namespace) -> dict:
         "image_score": args.image_score,
         "feature_input": args.feature_input,
         "gradient_histograms": None if args.gradient_histograms is None else args.gradient_histograms == "on",
+        "memory_texture": args.memory_texture,
         "precision": args.precision,
         "pretrain_steps": args.pretrain_steps,
     }
@@ -431,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="whether the whole-image embedding of the fused score also holds the image's histograms "
         "of oriented gradients on a 4 × 4 grid (default on; measured better on digits, see docs/method.md)",
+    )
+    t.add_argument(
+        "--memory-texture",
+        type=float,
+        default=None,
+        metavar="W",
+        help="weight of the local texture statistics beside the encoder features in the memory map, "
+        "relative to those features (default 1; 0: none; measured better on textures, see docs/method.md)",
     )
     t.add_argument("--pretrain-steps", type=int, default=None, metavar="N", help=PRETRAIN_HELP)
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")

@@ -120,6 +120,8 @@ class TrainConfig:
             raise CavgaError(f"image_score must be 'peak' or 'fused', not {d['image_score']!r}")
         if d.get("feature_input", "raw") not in ("raw", "standardised"):
             raise CavgaError(f"feature_input must be 'raw' or 'standardised', not {d['feature_input']!r}")
+        if not d.get("memory_texture", 0.0) >= 0:
+            raise CavgaError(f"memory_texture must be 0 or more, not {d['memory_texture']!r}")
         if d.get("precision", "fp32") not in PRECISIONS:
             raise CavgaError(f"precision must be one of {', '.join(PRECISIONS)}, not {d['precision']!r}")
         for key in ("betas", "stats_layers", "memory_layers"):
