@@ -2,8 +2,9 @@
 whole-image nearest neighbour.
 
 - `memory`: patch features of the normal training images at the chosen stages (each position's
-  neighbourhood averaged, stages resized to the finest one and concatenated), thinned by a seeded
-  greedy coreset; the map is each position's distance to its nearest kept feature.
+  neighbourhood averaged, stages resized to the finest one and concatenated, with local texture
+  statistics of the image beside them), thinned by a seeded greedy coreset; the map is each
+  position's distance to its nearest kept feature.
 - `nearest-image`: the whole image, standardised, against every normal training image; the map is
   |x − nearest| and the image score the distance.
 - `ImageMemory`: a whole-image embedding (standardised pixels, pooled features and histograms of
