@@ -245,7 +245,7 @@ def test_texture_block_is_standardised_and_scaled_against_the_features(anchor):
     cfg = dataclasses.replace(cfg, memory_texture=2.0)
     cal = calibrate(model, cfg, train, calib, CPU, maps=("memory",))
     state = cal["fitted"]["memory"]
-    bank, width = state["bank"], memory_module.ORIENTATIONS + 3
+    bank, width = state["bank"], memory_module.TEXTURE_CHANNELS
     spread = bank[:, :-width].var(0).sum().sqrt()
     assert state["texture"]["scale"] == pytest.approx(2.0 * float(spread) / width**0.5, rel=1e-4)
     texture = bank[:, -width:]

@@ -40,6 +40,7 @@ GLOBAL_GRID = 4  # the whole-image embedding pools each stage to GLOBAL_GRID × 
 ORIENTATIONS = 9  # unsigned orientation bins of the embedding's gradient histograms (Dalal & Triggs)
 HYS_CLIP = 0.2  # L2-Hys: each normalised block value is clipped here, then the block normalised again
 TEXTURE_EPS = 1e-3  # `local_texture`: added to the gradient energy of a cell (of a standardised image)
+TEXTURE_CHANNELS = ORIENTATIONS + 3  # `local_texture`: orientation shares, log energy, mean, spread
 
 
 def greedy_coreset(features: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -153,7 +154,7 @@ def memory_features(out: ModelOutput, cfg: TrainConfig) -> torch.Tensor:
 
 
 def local_texture(x: torch.Tensor, grid: int, pool: int) -> torch.Tensor:
-    """(B, ORIENTATIONS + 3, grid, grid): for each cell of a grid × grid division of the standardised
+    """(B, TEXTURE_CHANNELS, grid, grid): for each cell of a grid × grid division of the standardised
     image, over its pool × pool neighbourhood of cells, the share of the gradient energy in each
     orientation, the log of that energy, and the mean and standard deviation of the pixels.
 
@@ -218,7 +219,7 @@ class MemoryFitter(Fitter):
         candidates = join(self.parts)
         texture = None
         if self.cfg.memory_texture:
-            width = ORIENTATIONS + 3
+            width = TEXTURE_CHANNELS
             block, features = candidates[:, -width:], candidates[:, :-width]
             spread = float(features.var(0).sum().sqrt()) if len(candidates) > 1 else 1.0
             texture = {
