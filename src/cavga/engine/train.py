@@ -328,7 +328,7 @@ def train(
     if cfg.pretrain_steps > pre["step"]:
         pretrain(model, data.normal, cfg, device, world, pre, save, run, progress)
     # Kept or set back, the stages the default map reads stay as pre-training left them.
-    frozen = freeze_pretrained(model, cfg) if cfg.pretrain_steps else []
+    fixed_stages = freeze_pretrained(model, cfg) if cfg.pretrain_steps else []
     generator, discriminator = distributed.wrap(model, world, device)
     log_path = run / "log.csv" if world.main else Path(os.devnull)
     if world.main and (step == 0 or not log_path.exists()):
@@ -347,7 +347,7 @@ def train(
         )
         t0, first_step = time.perf_counter(), step
         model.train()
-        for part in frozen:
+        for part in fixed_stages:
             part.eval()
         try:
             # Decoded ahead by the workers (when the images are not in memory) in the order of the steps.

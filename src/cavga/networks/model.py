@@ -354,8 +354,15 @@ register_model(
 
 # Training-free anchors: what a method that learns nothing reaches on the same data. They keep raw
 # pixels and patches only: no gradient histograms, no texture statistics.
-ANCHOR = {**NO_CLF, "w_adv": 0.0, "w_ae": 0.0, "w_kl": 0.0, "memory_pool": 1}
-ANCHOR.update(gradient_histograms=False, memory_texture=0.0)
+ANCHOR = {
+    **NO_CLF,
+    "w_adv": 0.0,
+    "w_ae": 0.0,
+    "w_kl": 0.0,
+    "memory_pool": 1,
+    "gradient_histograms": False,
+    "memory_texture": 0.0,
+}
 register_model(
     "knn-pixels",
     "raw",
