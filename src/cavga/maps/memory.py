@@ -242,9 +242,10 @@ def _memory(ctx: MapContext) -> tuple[torch.Tensor, None]:
     return blur(upsample(d.view(B, h, w), ctx.size), ctx.cfg), None
 
 
-def _small(x: torch.Tensor, side: int) -> torch.Tensor:
-    """Standardised images at most `side` pixels wide (area-averaged)."""
-    x = standardize(x)
+def _small(x: torch.Tensor, side: int, standardised: bool = False) -> torch.Tensor:
+    """Standardised images at most `side` pixels wide (area-averaged); `standardised`: `x` already is."""
+    if not standardised:
+        x = standardize(x)
     return F.adaptive_avg_pool2d(x, side) if x.shape[-1] > side else x
 
 
@@ -293,11 +294,12 @@ def image_embedding(x: torch.Tensor, out: ModelOutput, cfg: TrainConfig) -> list
     """Blocks of a whole-image embedding: the standardised image at ≤ `GLOBAL_PIXELS` px, then each
     `stats_layers` stage pooled to a `GLOBAL_GRID` grid, then (with `cfg.gradient_histograms`) the
     standardised image's histograms of oriented gradients on that grid; each (B, D_i)."""
-    blocks = [_small(x, GLOBAL_PIXELS).flatten(1)]
+    z = standardize(x.float())  # once, for the pixel block and the histograms
+    blocks = [_small(z, GLOBAL_PIXELS, standardised=True).flatten(1)]
     for name in available_layers(out, cfg.stats_layers):
         blocks.append(F.adaptive_avg_pool2d(layer(out, name), GLOBAL_GRID).flatten(1))
     if cfg.gradient_histograms:
-        blocks.append(gradient_histograms(standardize(x.float()), GLOBAL_GRID))
+        blocks.append(gradient_histograms(z, GLOBAL_GRID))
     return [b.float() for b in blocks]
 
 
