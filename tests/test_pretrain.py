@@ -13,13 +13,22 @@ from sklearn.metrics import roc_auc_score
 import cavga.engine.pretrain as pretraining
 import cavga.engine.train as train_mod
 from cavga.cli import main
-from cavga.config import DEFAULT_PRETRAIN_STEPS, DEFAULT_STEPS_AFTER_PRETRAIN, make_config
+from cavga.config import (
+    DEFAULT_FEATURE_ENCODERS,
+    DEFAULT_PRETRAIN_STEPS,
+    DEFAULT_STEPS_AFTER_PRETRAIN,
+    TrainConfig,
+    make_config,
+)
 from cavga.data.folder import load_image
 from cavga.data.synthetic import synthesize
 from cavga.engine.distributed import World
 from cavga.engine.pretrain import Segmenter
-from cavga.engine.run import load_checkpoint
+from cavga.engine.run import load_checkpoint, seed_everything
 from cavga.engine.train import build_model, load_train_data
+from cavga.errors import RunError
+from cavga.maps.common import forward
+from cavga.networks.anchor import standardize
 from tiny_data import TINY_SIZE, small_demo
 
 
@@ -195,3 +204,124 @@ def test_the_default_schedule_pretrains_the_default_model_only() -> None:
     assert of(pretrain_steps=100) == (100, None) and of(pretrain_steps=0) == (0, None)
     assert of(model="cavga-du") == of(model="cavga-rw") == of(weights="imagenet") == (0, None)
     assert of(anomaly_map="paper") == of("paper") == (0, None)
+    # Two encoders with the schedule, unless asked otherwise; one wherever the schedule is not taken.
+    assert make_config().feature_encoders == DEFAULT_FEATURE_ENCODERS == 2
+    assert make_config(feature_encoders=1).feature_encoders == make_config(steps=5).feature_encoders == 1
+    assert TrainConfig.from_saved({}).feature_encoders == 1  # a run saved before had one
+
+
+def test_an_extra_encoder_is_drawn_from_the_next_seed_and_the_maps_read_both() -> None:
+    """`feature_encoders` 2: the model's own encoder is the one it has alone, the extra one holds the
+    first stages of the encoder that the next seed draws (as `build_model` right after seeding), and
+    the maps read both stages side by side (the model's first)."""
+    one = make_config(model="cavga-ru", image_size=64, seed=3, pretrain_steps=0, channels=1)
+    two = make_config(
+        model="cavga-ru", image_size=64, seed=3, pretrain_steps=0, channels=1, feature_encoders=2
+    )
+    seed_everything(3)
+    alone = build_model(one, None)
+    seed_everything(3)
+    model = build_model(two, None)
+    seed_everything(4)
+    next_seed = build_model(make_config(model="cavga-ru", image_size=64, seed=4, channels=1), None)
+    assert all(
+        torch.equal(v, alone.state_dict()[k])
+        for k, v in model.state_dict().items()
+        if k in alone.state_dict()
+    )
+    extra = model.extra_encoders[0].state_dict()
+    assert len(model.extra_encoders) == 1 and len(model.extra_encoders[0].layers) == 2  # s4 and s8
+    assert extra and all(torch.equal(v, next_seed.encoder.state_dict()[k]) for k, v in extra.items())
+    assert not any(p.requires_grad for p in model.extra_encoders.parameters())
+
+    x = torch.rand(2, 1, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        out, own = forward(model, two, x), model.encoder(standardize(x))
+        theirs = model.extra_encoders[0](standardize(x))
+    assert set(out.features) == {4, 8, 16, 32}
+    for stride, f in out.features.items():
+        expected = [own[stride], *([theirs[stride]] if stride in theirs else [])]
+        assert torch.equal(f, torch.cat(expected, 1)), stride
+
+
+def test_each_encoder_pretrains_on_its_own_seed_and_a_stopped_run_resumes(
+    data: Path, tmp_path: Path, monkeypatch, capsys, keep_any, ctrl_c
+) -> None:
+    """Two encoders, 3 pre-training steps each: each one's stages move from where they started, each
+    in its own log with its own losses (the extra one's head, batches and synthetic anomalies come
+    from the next seed); the CAVGA steps leave both as they are. A run stopped during the second
+    encoder's pre-training resumes to the weights of one that was never stopped."""
+    base = ["--model", "cavga-ru", "--image-size", str(TINY_SIZE), "--batch-size", "4"]
+    base += [
+        "--pretrain-steps",
+        "3",
+        "--feature-encoders",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--data",
+        str(data),
+    ]
+    initial: dict = {}
+    real_pretrain = train_mod.pretrain
+
+    def pretrain_after_a_copy(model, *args):
+        if not initial:
+            initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return real_pretrain(model, *args)
+
+    monkeypatch.setattr(train_mod, "pretrain", pretrain_after_a_copy)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *base, "--steps", "1", "--out", str(one)]) == 0
+    monkeypatch.setattr(train_mod, "pretrain", real_pretrain)
+    assert main(["train", *base, "--steps", "2", "--out", str(two)]) == 0
+    a, b = load_checkpoint(one), load_checkpoint(two)
+    assert a["pretrain"]["step"] == a["pretrain_extra"][0]["step"] == 3
+    stages = ("encoder.stem.", "encoder.layers.0.", "encoder.layers.1.", "extra_encoders.0.")
+    for prefix in stages:
+        assert not all(torch.equal(v, a["model"][k]) for k, v in initial.items() if k.startswith(prefix))
+        assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items() if k.startswith(prefix))
+    assert not torch.equal(
+        a["model"]["encoder.layers.2.0.conv1.weight"], b["model"]["encoder.layers.2.0.conv1.weight"]
+    )
+
+    def losses(log: Path) -> list[str]:
+        return [line.split(",")[1] for line in log.read_text().splitlines()[1:]]
+
+    assert len(losses(one / "pretrain_log_2.csv")) == 3
+    assert losses(one / "pretrain_log_2.csv") != losses(one / "pretrain_log.csv")
+    assert '"pretrain_extra"' in (one / "train_summary.json").read_text()
+
+    # Ctrl-C as the second encoder's second step begins (the fifth synthetic batch of the run).
+    part = tmp_path / "part"
+    real_synthesize, calls = train_mod.synthesize, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+        return real_synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "synthesize", interrupted)
+    assert main(["train", *base, "--steps", "1", "--out", str(part)]) == 2
+    assert "interrupted at pre-training step 2/3" in capsys.readouterr().err
+    saved = load_checkpoint(part)
+    assert saved["pretrain"]["step"] == 3 and saved["pretrain_extra"][0]["step"] == 2
+    monkeypatch.setattr(train_mod, "synthesize", real_synthesize)
+    assert main(["train", "--out", str(part), "--resume", "--quiet"]) == 0
+    c = load_checkpoint(part)
+    assert all(torch.equal(v, c["model"][k]) for k, v in a["model"].items())
+    assert (part / "pretrain_log_2.csv").read_text().count("\n") == 4  # header + 3 steps
+
+
+def test_extra_encoders_need_a_random_resnet(data: Path, tmp_path: Path, capsys) -> None:
+    """Extra encoders on a DCGAN model, or beside pre-trained weights, stop before any work."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--image-size", str(TINY_SIZE), "--feature-encoders", "2"]
+    assert main([*args, "--model", "cavga-du", "--out", str(out), "--quiet"]) == 2
+    assert "for a ResNet model from random weights, not cavga-du" in capsys.readouterr().err
+    with pytest.raises(RunError, match="with weights"):
+        build_model(make_config(feature_encoders=2, weights="w.pt", channels=1), None)
+    assert not out.exists()

@@ -65,6 +65,7 @@ def _train_args(args: argparse.Namespace) -> dict:
         "memory_texture": args.memory_texture,
         "precision": args.precision,
         "pretrain_steps": args.pretrain_steps,
+        "feature_encoders": args.feature_encoders,
     }
 
 
@@ -442,6 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
         "relative to those features (default 1; 0: none; measured better on textures, see docs/method.md)",
     )
     t.add_argument("--pretrain-steps", type=int, default=None, metavar="N", help=PRETRAIN_HELP)
+    t.add_argument(
+        "--feature-encoders",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ResNet models from random weights: the maps read N encoders side by side, each from its "
+        "own seed and pre-trained like the model's (default: 2 in the default schedule, else 1)",
+    )
     t.add_argument("--checkpoint-every", type=int, default=None, help="save every N steps (default 100)")
     t.add_argument(
         "--precision",

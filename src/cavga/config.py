@@ -20,6 +20,9 @@ DEFAULT_STEPS = 300
 # budget (see docs/method.md, "The default schedule").
 DEFAULT_PRETRAIN_STEPS = 600
 DEFAULT_STEPS_AFTER_PRETRAIN = 150
+# The default schedule's maps read two encoders' stages side by side, each pre-trained from its own
+# seed: an ensemble that removes most of the spread between seeds (docs/method.md, "Two encoders").
+DEFAULT_FEATURE_ENCODERS = 2
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings whose default changed, with the value a saved run that lacks them was made with.
 SAVED_BEFORE = {"feature_input": "raw", "gradient_histograms": False, "memory_texture": 0.0}
@@ -90,6 +93,11 @@ class TrainConfig:
     # (cavga.engine.pretrain; undone where it does not learn them). The default model's schedule sets
     # it (see `make_config`); 0 here keeps every explicit configuration as it was.
     pretrain_steps: int = 0
+    # ResNet models from random weights: how many encoders' stages the maps read, concatenated. The
+    # model's own, then `feature_encoders` − 1 more of the same architecture, the k-th drawn from seed
+    # `seed` + k and pre-trained like the model's own with that seed; no CAVGA step trains them. The
+    # default schedule sets 2 (see `make_config`); 1 keeps every explicit configuration as it was.
+    feature_encoders: int = 1
     # Self-supervised models: the probability that a training image gets a synthetic anomaly
     synthetic: float = 0.0
     anomalous_dir: str | None = None
@@ -122,6 +130,10 @@ class TrainConfig:
             raise CavgaError(f"feature_input must be 'raw' or 'standardised', not {d['feature_input']!r}")
         if not d.get("memory_texture", 0.0) >= 0:
             raise CavgaError(f"memory_texture must be 0 or more, not {d['memory_texture']!r}")
+        if not (isinstance(d.get("feature_encoders", 1), int) and d.get("feature_encoders", 1) >= 1):
+            raise CavgaError(
+                f"feature_encoders must be a whole number of 1 or more, not {d['feature_encoders']!r}"
+            )
         if d.get("precision", "fp32") not in PRECISIONS:
             raise CavgaError(f"precision must be one of {', '.join(PRECISIONS)}, not {d['precision']!r}")
         for key in ("betas", "stats_layers", "memory_layers"):
@@ -165,7 +177,8 @@ def make_config(preset: str = "default", **overrides: Any) -> TrainConfig:
     """A config from a named preset, then the settings the model implies (its loss, the weights it
     switches off), then explicit overrides (None values are ignored). The default model with the
     default preset and no training length given gets the default schedule (`DEFAULT_PRETRAIN_STEPS`
-    of encoder pre-training, then `DEFAULT_STEPS_AFTER_PRETRAIN` steps)."""
+    of encoder pre-training, then `DEFAULT_STEPS_AFTER_PRETRAIN` steps), with
+    `DEFAULT_FEATURE_ENCODERS` encoders unless the overrides say how many."""
     from cavga.networks import MODELS
 
     if preset not in PRESETS:
@@ -177,4 +190,5 @@ def make_config(preset: str = "default", **overrides: Any) -> TrainConfig:
     values = {**PRESETS[preset], **MODELS[model].config, **overrides}
     if preset == "default" and _takes_default_schedule(values, overrides):
         values.update(pretrain_steps=DEFAULT_PRETRAIN_STEPS, steps=DEFAULT_STEPS_AFTER_PRETRAIN)
+        values.setdefault("feature_encoders", DEFAULT_FEATURE_ENCODERS)
     return TrainConfig.from_dict(values)

@@ -53,21 +53,29 @@ def pretrain_stages(model: CAVGA, cfg: TrainConfig) -> int:
     return max(int(math.log2(int(name.removeprefix("s")))) - 1 for name in cfg.memory_layers)
 
 
-def pretrained_parts(model: CAVGA, cfg: TrainConfig) -> list[nn.Module]:
-    """The encoder's stem and the stages pre-training trains."""
-    return [model.encoder.stem, *model.encoder.layers[: pretrain_stages(model, cfg)]]
+def encoders(model: CAVGA) -> list[nn.Module]:
+    """The encoders whose stages the maps read: the model's own, then its extra ones (pre-trained one
+    after the other, the k-th with seed `seed` + k)."""
+    return [model.encoder, *model.extra_encoders]
+
+
+def pretrained_parts(model: CAVGA, cfg: TrainConfig, index: int = 0) -> list[nn.Module]:
+    """The stem and the stages pre-training trains of encoder `index` (see `encoders`)."""
+    encoder = encoders(model)[index]
+    return [encoder.stem, *encoder.layers[: pretrain_stages(model, cfg)]]
 
 
 class Segmenter(nn.Module):
-    """The encoder's first stages and a 1×1 head: per memory-map position, the logit that a synthetic
-    anomaly altered it. The encoder's later stages take no part (`trainable` freezes them for DDP)."""
+    """An encoder's first stages (encoder `index` of `encoders`; its seed is `cfg.seed`) and a 1×1
+    head: per memory-map position, the logit that a synthetic anomaly altered it. The encoder's later
+    stages take no part (`trainable` freezes them for DDP)."""
 
-    def __init__(self, model: CAVGA, cfg: TrainConfig):
+    def __init__(self, model: CAVGA, cfg: TrainConfig, index: int = 0):
         super().__init__()
         self.cfg = cfg
         self.stages = pretrain_stages(model, cfg)
-        self.encoder = model.encoder
-        self.parts = pretrained_parts(model, cfg)
+        self.encoder = encoders(model)[index]
+        self.parts = pretrained_parts(model, cfg, index)
         # ResNet-18's stage at stride s has 16·s channels (64 at stride 4 … 512 at stride 32).
         width = sum(16 * int(name.removeprefix("s")) for name in dict.fromkeys(cfg.memory_layers))
         # Drawn from its own seed: the global random stream stays where training left it, so a run
@@ -110,15 +118,15 @@ def kept(final_loss: float) -> bool:
 
 
 def freeze_pretrained(model: CAVGA, cfg: TrainConfig) -> list[nn.Module]:
-    """The pre-trained stem and stages, kept as they are through the CAVGA steps: no gradient, and
-    BatchNorm statistics fixed (call `.eval()` on the returned modules after `model.train()`). Also
-    when pre-training was set back: the stages then stay the random ones.
+    """The pre-trained stem and stages, and the extra encoders whole, kept as they are through the
+    CAVGA steps: no gradient, and BatchNorm statistics fixed (call `.eval()` on the returned modules
+    after `model.train()`). Also when pre-training was set back: the stages then stay the random ones.
 
     Without this the CAVGA steps undo the pre-training: on ELPV mono, 300 default steps after it
     took the fused image AUROC from 0.944 back to 0.926 (a random encoder: 0.918). They train on the
     raw image, the maps read the standardised one. Where pre-training is set back (digits), the same
     steps lowered digit 5 from 0.959 to 0.937 and digit 2 from 0.974 to 0.968."""
-    parts = pretrained_parts(model, cfg)
+    parts = [*pretrained_parts(model, cfg), *model.extra_encoders]
     for part in parts:
         part.requires_grad_(False)
     return parts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import random
@@ -18,6 +19,7 @@ from cavga import __version__
 from cavga.config import TrainConfig
 from cavga.errors import RunError
 from cavga.networks import CAVGA, MODELS, create_model
+from cavga.networks.resnet import ResNetEncoder, seeded_stages
 
 CHECKPOINT = "checkpoint.pt"
 REQUIRED_KEYS = ("model", "config", "step", "version", "model_name")
@@ -50,10 +52,29 @@ def build_model(cfg: TrainConfig, weights: str | None = None) -> CAVGA:
     if weights:
         kwargs["weights"] = weights
     model = create_model(cfg.model, cfg.image_size, cfg.channels or 3, **kwargs)
+    if cfg.feature_encoders > 1:
+        if not isinstance(model.encoder, ResNetEncoder) or cfg.weights:
+            raise RunError(
+                f"feature_encoders {cfg.feature_encoders}: further encoders are random ResNet-18 "
+                f"stages of other seeds, for a ResNet model from random weights, not {cfg.model}"
+                + (f" with weights {cfg.weights}" if cfg.weights else "")
+            )
+        stages = map_stages(cfg)
+        for k in range(1, cfg.feature_encoders):
+            # Only pre-training trains them (it switches their gradients on while it runs).
+            model.extra_encoders.append(
+                seeded_stages(cfg.channels or 3, stages, cfg.seed + k).requires_grad_(False)
+            )
     # Convolutions with channels-last weights run channels-last whatever the input's layout: on a
     # 2-core AMD EPYC (Zen 3) CAVGA-Ru trained 16–25 % and ran its forward pass 33–45 % faster at 128
     # and 256 px, CAVGA-Du's training unchanged (README, the scale section).
     return model.to(memory_format=torch.channels_last)
+
+
+def map_stages(cfg: TrainConfig) -> int:
+    """How many encoder stages the maps read: up to the deepest of the memory and statistics stages."""
+    strides = [int(n.removeprefix("s")) for n in (*cfg.memory_layers, *cfg.stats_layers) if n != "z"]
+    return max((int(math.log2(s)) - 1 for s in strides), default=1)
 
 
 def _write_atomically(path: Path, write) -> None:

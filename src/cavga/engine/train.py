@@ -4,6 +4,7 @@ or + classifier and complementary guided attention (CAVGA-w), or the parts a bas
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import sys
@@ -262,8 +263,10 @@ def train(
     step = 0
     # Encoder pre-training's progress (see `pretrain`): its step, and until it ends its head and optimiser.
     pre: dict = {"step": 0}
+    pre_extra: list[dict] = [{"step": 0} for _ in model.extra_encoders]  # the same for each extra encoder
     if ckpt is not None:
         pre = dict(ckpt.get("pretrain") or pre)
+        pre_extra = [dict(p) for p in ckpt.get("pretrain_extra") or pre_extra]
         load_weights(model, ckpt["model"], f"model {cfg.model} at {cfg.image_size} px")
         try:
             if opt_g is not None:
@@ -318,6 +321,7 @@ def train(
             "setting": spec.setting,
             "data": meta,
             "pretrain": pre,
+            "pretrain_extra": pre_extra,
             "calibration": None,  # added once calibrated, at the end
         }
 
@@ -325,8 +329,9 @@ def train(
         if world.main:  # one writer; the other ranks hold the same weights
             save_checkpoint(run / CHECKPOINT, state())
 
-    if cfg.pretrain_steps > pre["step"]:
-        pretrain(model, data.normal, cfg, device, world, pre, save, run, progress)
+    for index, done in enumerate([pre, *pre_extra]):
+        if cfg.pretrain_steps > done["step"]:
+            pretrain(model, data.normal, cfg, device, world, done, save, run, progress, index)
     # Kept or set back, the stages the default map reads stay as pre-training left them.
     fixed_stages = freeze_pretrained(model, cfg) if cfg.pretrain_steps else []
     generator, discriminator = distributed.wrap(model, world, device)
@@ -441,6 +446,7 @@ def train(
             "n_anomalous_train": len(data.anomalous_files),
             "n_calib": len(data.calib),
             **{f"pretrain_{k}": v for k, v in pre.items()},
+            **({"pretrain_extra": pre_extra} if pre_extra else {}),
         },
     )
     release_free_memory()  # calibration's freed buffers, before the checkpoint is read back
@@ -461,9 +467,14 @@ def pretrain(
     save: Callable[[], None],
     run: Path,
     progress: bool = True,
+    index: int = 0,
 ) -> Segmenter:
     """`cfg.pretrain_steps` steps of encoder pre-training on synthetic anomalies of the `normal`
     images (see `cavga.engine.pretrain`), from step `pre["step"]`, before the CAVGA steps.
+
+    `index` says which encoder (`cavga.engine.pretrain.encoders`): the model's own (0), or the k-th
+    extra one, pre-trained exactly as a run of seed `cfg.seed` + k pre-trains its own (head, batches
+    and synthetic anomalies from that seed) and logged to `pretrain_log_<k + 1>.csv`.
 
     `pre` is the progress the run's checkpoint holds, updated in place; `save` writes it every
     `checkpoint_every` steps, when stopped (then `--resume` continues here) and at the end, when
@@ -471,7 +482,8 @@ def pretrain(
     `pretrain_log.csv`. Several processes: the batch is split across ranks as in training.
     Returns the stages with the trained head (which the run does not keep).
     """
-    seg = Segmenter(model, cfg).to(device)
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + index)
+    seg = Segmenter(model, cfg, index).to(device)
     requires_grad = [p.requires_grad for p in model.parameters()]
     opt = torch.optim.Adam(seg.trainable(), lr=PRETRAIN_LR)
     start = pre["step"]
@@ -484,7 +496,8 @@ def pretrain(
     net = ddp(seg, device_ids=distributed.device_ids(device)) if world.size > 1 else seg
     total = cfg.pretrain_steps
     batches = StepBatches(len(normal), cfg.batch_size, cfg.seed + 1, start, total, world)
-    log_path = run / "pretrain_log.csv" if world.main else Path(os.devnull)
+    name = "pretrain_log.csv" if index == 0 else f"pretrain_log_{index + 1}.csv"
+    log_path = run / name if world.main else Path(os.devnull)
     if world.main and (start == 0 or not log_path.exists()):
         log_path.write_text("step,loss,seconds\n")
     elif world.main:
@@ -505,7 +518,11 @@ def pretrain(
 
     model.train()
     bar = tqdm(
-        total=total, initial=start, disable=not progress or not world.main, desc="pretrain", unit="step"
+        total=total,
+        initial=start,
+        disable=not progress or not world.main,
+        desc="pretrain" if index == 0 else f"pretrain encoder {index + 1}",
+        unit="step",
     )
     last_saved = saved_checkpoint(run, "pre-training step", start)
     try:
@@ -545,7 +562,8 @@ def pretrain(
             part.load_state_dict(initial)
         if world.main:
             print(
-                f"encoder pre-training did not learn the synthetic anomalies (loss {final_loss:.3f} "
+                f"{'encoder' if index == 0 else f'encoder {index + 1}'} pre-training did not learn "
+                f"the synthetic anomalies (loss {final_loss:.3f} "
                 f"after {step} steps, above {pretraining.PRETRAIN_MAX_LOSS}): the stages it trained "
                 "are set back to their initial weights",
                 file=sys.stderr,

@@ -161,11 +161,27 @@ def forward(model: CAVGA, cfg: TrainConfig, x: torch.Tensor, features_only: bool
     `features_only`: only the encoder stages are needed (fitting the normal states), so the latent
     heads and the decoder are skipped, and with standardised input the encoder runs once instead of
     twice; the other fields are None. Not when a map reads z (a "z" stage), which needs μ.
+
+    The model's extra encoders (`TrainConfig.feature_encoders`) see the same input as the stages, and
+    theirs are concatenated to them (`with_extra_encoders`).
     """
+    seen = standardize(x) if cfg.feature_input == "standardised" else x
     if features_only and "z" not in (*cfg.stats_layers, *cfg.memory_layers):
-        feats = model.encoder(standardize(x) if cfg.feature_input == "standardised" else x)
-        return ModelOutput(feats, feats[max(feats)], None, None, None, None, None)
-    out = model(x, sample=False)
-    if cfg.feature_input == "standardised":
-        out = dataclasses.replace(out, features=model.encoder(standardize(x)))
+        feats = model.encoder(seen)
+        out = ModelOutput(feats, feats[max(feats)], None, None, None, None, None)
+    else:
+        out = model(x, sample=False)
+        if cfg.feature_input == "standardised":
+            out = dataclasses.replace(out, features=model.encoder(seen))
+    if len(model.extra_encoders):
+        out = dataclasses.replace(out, features=with_extra_encoders(model, seen, out.features))
     return out
+
+
+def with_extra_encoders(
+    model: CAVGA, x: torch.Tensor, feats: dict[int, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """The encoder's stages `feats` with each extra encoder's stage of the same stride (computed from
+    `x`) concatenated after it, channel-wise; the strides they lack are left as they are."""
+    extra = [encoder(x) for encoder in model.extra_encoders]
+    return {s: torch.cat([f, *(e[s] for e in extra if s in e)], 1) for s, f in feats.items()}

@@ -58,6 +58,9 @@ class CAVGA(nn.Module):
         self.decoder = decoder
         self.discriminator = discriminator
         self.classifier = classifier
+        # Further encoders whose stages the maps read beside the encoder's (`TrainConfig.
+        # feature_encoders`, `cavga.networks.resnet.seeded_stages`); no CAVGA step trains them.
+        self.extra_encoders = nn.ModuleList()
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """Parameters of E, the latent heads, G and C (the discriminator has its own optimizer); none

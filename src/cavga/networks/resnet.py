@@ -84,7 +84,8 @@ class ResNetEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor, stages: int = 4) -> dict[int, torch.Tensor]:
-        """The first `stages` stages (all four by default), keyed by stride."""
+        """The first `stages` stages (all it has by default), keyed by stride."""
+        stages = min(stages, len(self.layers))
         x = x.repeat(1, self.repeat, 1, 1)  # (B, 3, H, W)
         h = self.stem((x - self.mean) / self.std)  # (B, 64, H/4, W/4)
         feats = {}
@@ -92,6 +93,16 @@ class ResNetEncoder(nn.Module):
             h = layer(h)
             feats[stride] = h  # (B, 64·2^k, H/stride, W/stride)
         return feats
+
+
+def seeded_stages(in_channels: int, stages: int, seed: int) -> ResNetEncoder:
+    """A random `ResNetEncoder` with only its first `stages` stages, drawn as the first thing after
+    `torch.manual_seed(seed)`, in a forked random stream so that the caller's stays where it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = ResNetEncoder(in_channels)
+    encoder.layers = encoder.layers[:stages]
+    return encoder
 
 
 def load_resnet_weights(weights: str) -> dict[str, torch.Tensor]:
