@@ -18,6 +18,7 @@ from cavga.engine.run import load_checkpoint, load_model
 from cavga.errors import CavgaError
 from cavga.export import export_onnx, read_metadata
 from cavga.maps import MapMaker
+from tiny_data import small_demo
 
 SIZE = 32
 
@@ -30,12 +31,28 @@ def run(tiny_run: Path) -> Path:
 def test_graph_matches_pytorch_at_batch_1_and_8(run: Path, tmp_path: Path) -> None:
     """Maps within 1e-4, and every image and pixel decision identical, for the run's own map and
     the other calibrated maps."""
+    graphs_match_pytorch(run, tmp_path, ("memory", "latent-stats", "fusion"))
+
+
+def test_graph_of_a_run_with_two_encoders_matches_pytorch(tmp_path: Path) -> None:
+    """The extra encoder's stages are in the graph: its memory map and fused score match PyTorch's."""
+    data = small_demo(tmp_path / "data")
+    run = tmp_path / "run"
+    settings = ["--model", "cavga-ru", "--image-size", str(SIZE), "--steps", "1", "--batch-size", "4"]
+    settings += ["--feature-encoders", "2", "--quiet", "--device", "cpu"]
+    assert main(["train", "--data", str(data), *settings, "--out", str(run)]) == 0
+    assert len(load_model(load_checkpoint(run), torch.device("cpu"))[0].extra_encoders) == 1
+    graphs_match_pytorch(run, tmp_path, ("memory",))
+
+
+def graphs_match_pytorch(run: Path, tmp_path: Path, names: tuple[str, ...]) -> None:
+    """Each map of `names` exported from `run` gives PyTorch's maps and scores at batches of 1 and 8."""
     ort = pytest.importorskip("onnxruntime")
     ckpt = load_checkpoint(run)
     model, cfg = load_model(ckpt, torch.device("cpu"))
     test = sorted((Path(ckpt["data"]["root"]) / "brick" / "test").rglob("*.png"))
     x = torch.stack([load_image(p, SIZE, cfg.channels) for p in test[:8]])
-    for name in ("memory", "latent-stats", "fusion"):
+    for name in names:
         path = export_onnx(run, tmp_path / f"{name}.onnx", name)
         meta = read_metadata(path)
         assert (meta["anomaly_map"], meta["image_size"], meta["channels"]) == (name, SIZE, cfg.channels)
