@@ -15,9 +15,10 @@ DEFAULT_STEPS = 300
 # The default model's schedule when none of steps, epochs and pretrain_steps is given (the default
 # preset): encoder pre-training on synthetic anomalies, then fewer CAVGA steps. The default map reads
 # only the pre-trained stages, which the CAVGA steps keep fixed, so their number changes the paper's
-# maps, not the default one. 600 + 150 steps of 16 at 128 px took 16 min 37 s alone on the slower
-# 2-core AMD EPYC (Zen 1) for ELPV poly's 736 images, calibration included, within the 30-minute
-# budget (see docs/method.md, "The default schedule").
+# maps, not the default one. With two encoders (2 × 600 + 150 steps of 16 at 128 px) ELPV poly's 736
+# images took 19 min 42 s alone on the slower 2-core AMD EPYC (Zen 1), calibration included; about
+# 27 min on that machine's slowest day measured, within the 30-minute budget (docs/method.md, "Two
+# encoders side by side").
 DEFAULT_PRETRAIN_STEPS = 600
 DEFAULT_STEPS_AFTER_PRETRAIN = 150
 # The default schedule's maps read two encoders' stages side by side, each pre-trained from its own
