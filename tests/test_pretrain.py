@@ -47,6 +47,21 @@ def cell_auroc(seg: Segmenter, images: torch.Tensor, seed: int) -> float:
     return float(roc_auc_score(target.flatten().numpy(), logits.flatten().numpy()))
 
 
+def ctrl_c_at_synthetic_batch(monkeypatch, n: int):
+    """SIGINT as pre-training makes its `n`-th batch of synthetic anomalies; returns the real
+    `synthesize` to put back."""
+    real_synthesize, calls = train_mod.synthesize, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+        return real_synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "synthesize", interrupted)
+    return real_synthesize
+
+
 @pytest.fixture
 def keep_any(monkeypatch) -> None:
     """Keep the pre-trained stages whatever the loss: these tests train far too few steps for the
@@ -106,15 +121,7 @@ def test_pretraining_stopped_and_resumed_matches_an_uninterrupted_run(
     assert main(["train", *settings, "--out", str(full)]) == 0
 
     # Ctrl-C as the third step begins: that step finishes, then the run is saved.
-    real_synthesize, calls = train_mod.synthesize, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real_synthesize(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "synthesize", interrupted)
+    real_synthesize = ctrl_c_at_synthetic_batch(monkeypatch, 3)
     assert main(["train", *settings, "--out", str(part)]) == 2
     assert "interrupted at pre-training step 3/4" in capsys.readouterr().err
     saved = load_checkpoint(part)
@@ -296,15 +303,7 @@ def test_each_encoder_pretrains_on_its_own_seed_and_a_stopped_run_resumes(
 
     # Ctrl-C as the second encoder's second step begins (the fifth synthetic batch of the run).
     part = tmp_path / "part"
-    real_synthesize, calls = train_mod.synthesize, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGINT)
-        return real_synthesize(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "synthesize", interrupted)
+    real_synthesize = ctrl_c_at_synthetic_batch(monkeypatch, 5)
     assert main(["train", *base, "--steps", "1", "--out", str(part)]) == 2
     assert "interrupted at pre-training step 2/3" in capsys.readouterr().err
     saved = load_checkpoint(part)
