@@ -22,7 +22,8 @@ DEFAULT_STEPS = 300
 DEFAULT_PRETRAIN_STEPS = 600
 DEFAULT_STEPS_AFTER_PRETRAIN = 150
 # The default schedule's maps read two encoders' stages side by side, each pre-trained from its own
-# seed: an ensemble that removes most of the spread between seeds (docs/method.md, "Two encoders").
+# seed: the figures moved with one encoder's seed by as much as they gain from two (ELPV mono 0.9498 →
+# 0.952, demo grass pixel AUROC 0.896 → 0.908; docs/method.md, "Two encoders side by side").
 DEFAULT_FEATURE_ENCODERS = 2
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings whose default changed, with the value a saved run that lacks them was made with.

@@ -473,8 +473,8 @@ def pretrain(
     images (see `cavga.engine.pretrain`), from step `pre["step"]`, before the CAVGA steps.
 
     `index` says which encoder (`cavga.engine.pretrain.encoders`): the model's own (0), or the k-th
-    extra one, pre-trained exactly as a run of seed `cfg.seed` + k pre-trains its own (head, batches
-    and synthetic anomalies from that seed) and logged to `pretrain_log_<k + 1>.csv`.
+    extra one, pre-trained the same way with seed `cfg.seed` + k for its head, batches and synthetic
+    anomalies, and logged to `pretrain_log_<k + 1>.csv`.
 
     `pre` is the progress the run's checkpoint holds, updated in place; `save` writes it every
     `checkpoint_every` steps, when stopped (then `--resume` continues here) and at the end, when
