@@ -18,8 +18,6 @@ head is thrown away afterwards; the maps keep their memory of normal features.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +27,7 @@ from cavga.errors import RunError
 from cavga.maps.memory import memory_features
 from cavga.networks import CAVGA, ModelOutput
 from cavga.networks.anchor import standardize
-from cavga.networks.resnet import ResNetEncoder
+from cavga.networks.resnet import ResNetEncoder, stages_reading
 
 # Adam's learning rate for the pre-training (the encoder's own, not the CAVGA steps' `lr`).
 PRETRAIN_LR = 5e-4
@@ -50,7 +48,7 @@ def pretrain_stages(model: CAVGA, cfg: TrainConfig) -> int:
         raise RunError(f"--pretrain-steps trains a ResNet-18 encoder; model {cfg.model} has none")
     if "z" in cfg.memory_layers:
         raise RunError("--pretrain-steps trains the encoder stages the memory map reads, not z")
-    return max(int(math.log2(int(name.removeprefix("s")))) - 1 for name in cfg.memory_layers)
+    return stages_reading(cfg.memory_layers)
 
 
 def encoders(model: CAVGA) -> list[nn.Module]:

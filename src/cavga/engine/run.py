@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import pickle
 import random
@@ -19,7 +18,7 @@ from cavga import __version__
 from cavga.config import TrainConfig
 from cavga.errors import RunError
 from cavga.networks import CAVGA, MODELS, create_model
-from cavga.networks.resnet import ResNetEncoder, seeded_stages
+from cavga.networks.resnet import ResNetEncoder, seeded_stages, stages_reading
 
 CHECKPOINT = "checkpoint.pt"
 REQUIRED_KEYS = ("model", "config", "step", "version", "model_name")
@@ -59,7 +58,7 @@ def build_model(cfg: TrainConfig, weights: str | None = None) -> CAVGA:
                 f"stages of other seeds, for a ResNet model from random weights, not {cfg.model}"
                 + (f" with weights {cfg.weights}" if cfg.weights else "")
             )
-        stages = map_stages(cfg)
+        stages = stages_reading((*cfg.memory_layers, *cfg.stats_layers))  # what the maps read
         for k in range(1, cfg.feature_encoders):
             # Only pre-training trains them (it switches their gradients on while it runs).
             model.extra_encoders.append(
@@ -69,12 +68,6 @@ def build_model(cfg: TrainConfig, weights: str | None = None) -> CAVGA:
     # 2-core AMD EPYC (Zen 3) CAVGA-Ru trained 16–25 % and ran its forward pass 33–45 % faster at 128
     # and 256 px, CAVGA-Du's training unchanged (README, the scale section).
     return model.to(memory_format=torch.channels_last)
-
-
-def map_stages(cfg: TrainConfig) -> int:
-    """How many encoder stages the maps read: up to the deepest of the memory and statistics stages."""
-    strides = [int(n.removeprefix("s")) for n in (*cfg.memory_layers, *cfg.stats_layers) if n != "z"]
-    return max((int(math.log2(s)) - 1 for s in strides), default=1)
 
 
 def _write_atomically(path: Path, write) -> None:

@@ -4,6 +4,7 @@ decoder."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -93,6 +94,12 @@ class ResNetEncoder(nn.Module):
             h = layer(h)
             feats[stride] = h  # (B, 64·2^k, H/stride, W/stride)
         return feats
+
+
+def stages_reading(names: Iterable[str]) -> int:
+    """How many ResNet stages compute the encoder stages named by stride ("s4" is the first, "s32"
+    the fourth; "z" is not a stage and is left out): up to the deepest named, at least one."""
+    return max((int(math.log2(int(n.removeprefix("s")))) - 1 for n in names if n != "z"), default=1)
 
 
 def seeded_stages(in_channels: int, stages: int, seed: int) -> ResNetEncoder:
