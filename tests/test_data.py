@@ -191,6 +191,15 @@ def test_no_dataset_in_root(tmp_path: Path) -> None:
     assert str(tmp_path / "missing") in _message(exc)
 
 
+def test_flat_folder_of_images_says_where_they_go(tmp_path: Path) -> None:
+    _write(tmp_path / "part1.png")
+    _write(tmp_path / "part2.png")
+    with pytest.raises(DataError) as exc:
+        category_dir(tmp_path, None)
+    assert "holds images but no train/ folder" in _message(exc)
+    assert str(tmp_path / "train" / "good") in _message(exc)
+
+
 # --------------------------------------------------------------------------- malformed
 
 

@@ -106,6 +106,13 @@ def list_categories(root: str | Path) -> list[str]:
     if _is_category(root):
         return [""]
     names = [d.name for d in _subdirs(root) if _is_category(d)]
+    if not names and _image_files(root):
+        # The likeliest first try: a folder of good images as it came off the line.
+        raise DataError(
+            f"{root} holds images but no train/ folder; cavga trains on <category>/train/good, so "
+            f"move the good images to {root / 'train' / NORMAL_TYPE} (and any test images to "
+            f"{root / 'test'}/<defect_type>/, normal ones in {root / 'test' / NORMAL_TYPE}) and run again"
+        )
     if not names:
         raise DataError(
             f"no dataset found in {root}: neither it nor any of its subfolders has a train/ "
