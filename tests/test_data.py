@@ -191,13 +191,22 @@ def test_no_dataset_in_root(tmp_path: Path) -> None:
     assert str(tmp_path / "missing") in _message(exc)
 
 
-def test_flat_folder_of_images_says_where_they_go(tmp_path: Path) -> None:
-    _write(tmp_path / "part1.png")
+def test_plain_folder_of_good_images_is_a_training_split(tmp_path: Path) -> None:
+    """The likeliest first try, a folder of good images as it came off the line, trains as it is;
+    its missing test split is still named when a test needs it."""
     _write(tmp_path / "part2.png")
+    _write(tmp_path / "part1.png")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    assert list_categories(tmp_path) == [""]
+    assert category_dir(tmp_path, None) == tmp_path
+    samples = list_split(tmp_path, "train")
+    assert [(s.path.name, s.label, s.defect_type) for s in samples] == [
+        ("part1.png", 0, "good"),
+        ("part2.png", 0, "good"),
+    ]
     with pytest.raises(DataError) as exc:
-        category_dir(tmp_path, None)
-    assert "holds images but no train/ folder" in _message(exc)
-    assert str(tmp_path / "train" / "good") in _message(exc)
+        list_split(tmp_path, "test")
+    assert str(tmp_path / "test") in _message(exc)
 
 
 # --------------------------------------------------------------------------- malformed

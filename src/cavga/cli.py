@@ -87,7 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         cache=args.cache,
     )
-    print(f"run saved to {run}; evaluate with: cavga test {run}")
+    print(
+        f"run saved to {run}; evaluate with: cavga test {run} (needs the data's test/ folder), "
+        f"or score new images with: cavga predict {run} IMAGE_OR_FOLDER"
+    )
     return 0
 
 

@@ -95,7 +95,8 @@ def list_categories(root: str | Path) -> list[str]:
         root: A dataset root holding category folders, or one category folder itself.
 
     Returns:
-        ``[""]`` if ``root`` is itself a category, else the sorted category names.
+        ``[""]`` if ``root`` is itself a category (or a plain folder of images, which is read as
+        a category's training images; see :func:`list_split`), else the sorted category names.
 
     Raises:
         DataError: If ``root`` is missing or holds no category.
@@ -107,12 +108,7 @@ def list_categories(root: str | Path) -> list[str]:
         return [""]
     names = [d.name for d in _subdirs(root) if _is_category(d)]
     if not names and _image_files(root):
-        # The likeliest first try: a folder of good images as it came off the line.
-        raise DataError(
-            f"{root} holds images but no train/ folder; cavga trains on <category>/train/good, so "
-            f"move the good images to {root / 'train' / NORMAL_TYPE} (and any test images to "
-            f"{root / 'test'}/<defect_type>/, normal ones in {root / 'test' / NORMAL_TYPE}) and run again"
-        )
+        return [""]  # a folder of good images as it came off the line: its own training split
     if not names:
         raise DataError(
             f"no dataset found in {root}: neither it nor any of its subfolders has a train/ "
@@ -140,7 +136,7 @@ def category_dir(root: str | Path, category: str | None) -> Path:
         # Pointing at mvtec/bottle with --category bottle is redundant, not wrong.
         if category and category != root.resolve().name:
             raise DataError(
-                f"{root} is itself a category folder (it has train/ or test/), so "
+                f"{root} is itself a category folder (it has train/ or test/, or images of its own), so "
                 f"--category {category!r} does not apply; drop --category or point at its parent"
             )
         return root
@@ -248,7 +244,8 @@ def list_split(cat_dir: Path, split: str) -> list[Sample]:
 
     Args:
         cat_dir: Category folder (see :func:`category_dir`).
-        split: ``"train"`` (normal images in ``train/good`` only) or ``"test"``.
+        split: ``"train"`` (normal images in ``train/good`` only; in a plain folder of images with
+            neither ``train/`` nor ``test/``, every image in it) or ``"test"``.
 
     Returns:
         Samples sorted by defect type, then file name. ``mask_path`` is set for anomalous
@@ -262,6 +259,10 @@ def list_split(cat_dir: Path, split: str) -> list[Sample]:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     cat_dir = Path(cat_dir)
     split_dir = cat_dir / split
+    if split == "train" and not split_dir.is_dir() and not (cat_dir / "test").is_dir():
+        files = _image_files(cat_dir)
+        if files:  # a plain folder of good images: all of them train
+            return [Sample(p, 0, NORMAL_TYPE, None) for p in files]
     if not split_dir.is_dir():
         raise DataError(f"missing folder: {split_dir} ({LAYOUT_HINT})")
     if split == "train":
