@@ -16,11 +16,12 @@ DEFAULT_STEPS = 300
 # preset): encoder pre-training on synthetic anomalies, then fewer CAVGA steps. The default map reads
 # only the pre-trained stages, which the CAVGA steps keep fixed, so their number changes the paper's
 # maps, not the default one. With two encoders (2 × 600 + 150 steps of 16 at 128 px) ELPV poly's 736
-# images took 19 min 42 s alone on the slower 2-core AMD EPYC (Zen 1), calibration included; about
-# 27 min on that machine's slowest day measured, within the 30-minute budget (docs/method.md, "Two
-# encoders side by side").
+# images took 19 min 42 s alone on the slower 2-core AMD EPYC (Zen 1), calibration included, and an
+# estimated 28 min on that machine's slowest day measured: too close to the 30-minute budget. With 100
+# CAVGA steps: 16 min 34 s, about 24 min on the slowest day, and the same default figures (docs/method.md,
+# "Two encoders side by side").
 DEFAULT_PRETRAIN_STEPS = 600
-DEFAULT_STEPS_AFTER_PRETRAIN = 150
+DEFAULT_STEPS_AFTER_PRETRAIN = 100
 # The default schedule's maps read two encoders' stages side by side, each pre-trained from its own
 # seed: the figures moved with one encoder's seed by as much as they gain from two (ELPV mono 0.9498 →
 # 0.952, demo grass pixel AUROC 0.896 → 0.908; docs/method.md, "Two encoders side by side").
