@@ -88,6 +88,12 @@ def _is_category(folder: Path) -> bool:
     return (folder / "train").is_dir() or (folder / "test").is_dir()
 
 
+def _plain_image_folder(folder: Path) -> list[Path]:
+    """The images of a plain folder of good images (neither train/ nor test/, images of its own),
+    which cavga reads as a category's training split; empty for anything else."""
+    return [] if _is_category(folder) else _image_files(folder)
+
+
 def list_categories(root: str | Path) -> list[str]:
     """List the categories of a dataset root.
 
@@ -107,7 +113,7 @@ def list_categories(root: str | Path) -> list[str]:
     if _is_category(root):
         return [""]
     names = [d.name for d in _subdirs(root) if _is_category(d)]
-    if not names and _image_files(root):
+    if not names and _plain_image_folder(root):
         return [""]  # a folder of good images as it came off the line: its own training split
     if not names:
         raise DataError(
@@ -259,10 +265,8 @@ def list_split(cat_dir: Path, split: str) -> list[Sample]:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     cat_dir = Path(cat_dir)
     split_dir = cat_dir / split
-    if split == "train" and not split_dir.is_dir() and not (cat_dir / "test").is_dir():
-        files = _image_files(cat_dir)
-        if files:  # a plain folder of good images: all of them train
-            return [Sample(p, 0, NORMAL_TYPE, None) for p in files]
+    if split == "train" and (files := _plain_image_folder(cat_dir)):  # all of them train
+        return [Sample(p, 0, NORMAL_TYPE, None) for p in files]
     if not split_dir.is_dir():
         raise DataError(f"missing folder: {split_dir} ({LAYOUT_HINT})")
     if split == "train":
