@@ -64,9 +64,22 @@ def test_chunked_nearest_distance_equals_the_brute_force_one(monkeypatch, dtype)
     d = torch.cdist(q, bank.float())
     monkeypatch.setattr(memory_module, "CHUNK_ELEMENTS", 8)  # two queries per chunk of 4 rows
     monkeypatch.setattr(memory_module, "SQUARES_ELEMENTS", 20)  # four bank rows per block
+    monkeypatch.setattr(memory_module, "BLOCK_ALIGN", 4)  # the last block of 3 padded to 4
     dist, index = nearest_distance(q, bank)
     torch.testing.assert_close(dist, d.min(1).values)
     assert torch.equal(index, d.argmin(1)) and index[0] == 2 and 17 not in index
+
+
+def test_bank_blocks_are_aligned_and_even():
+    """Bank blocks have a multiple of `BLOCK_ALIGN` rows (an odd output row length halved the
+    product's speed), split the bank evenly, and hold at most `SQUARES_ELEMENTS` values."""
+    assert memory_module._block_rows(4000, 396) == 2000  # 2,647 rows fit, so two blocks of 2,000
+    assert memory_module._block_rows(762, 1500) == 384  # 699 fit: two blocks of 381, rounded up
+    assert memory_module._block_rows(5, 396) == 16
+    for n, width in [(4000, 396), (762, 1500), (5, 396), (100_000, 7)]:
+        rows = memory_module._block_rows(n, width)
+        assert rows % memory_module.BLOCK_ALIGN == 0
+        assert rows * width <= memory_module.SQUARES_ELEMENTS or rows == memory_module.BLOCK_ALIGN
 
 
 def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:

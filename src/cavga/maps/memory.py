@@ -30,6 +30,10 @@ from cavga.networks.anchor import standardize
 
 CHUNK_ELEMENTS = 1 << 22  # distances held at once in `nearest_distance` (16 MB; 64 MB was slower)
 SQUARES_ELEMENTS = 1 << 20  # bank values widened and squared at once in `nearest_distance` (4 MB)
+# Bank blocks of `nearest_distance` have a multiple of this many rows: a product whose output rows
+# have an odd length (a block of 2,647 or 1,353 rows) ran at half the rate of one of 2,624 or 2,000
+# (docs/speed.md).
+BLOCK_ALIGN = 16
 # The whole-image banks hold every training image, so they are kept in half precision: half the
 # memory and checkpoint size, and its rounding (about 5e-4 of each value) is far below the 8-bit
 # quantisation of the images they come from.
@@ -90,18 +94,30 @@ def nearest_distance(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Ten
         # A block of bank rows at a time (|q|² is the same for every row, so it is left out), each
         # query chunk's products updated in place: one buffer of a chunk's size, never the bank
         # squared or widened whole (a whole-image bank of 3,000 colour images is 74 MB).
-        rows = max(1, SQUARES_ELEMENTS // max(1, bank.shape[1]))
-        step = max(1, CHUNK_ELEMENTS // min(rows, max(1, len(bank))))
+        rows = _block_rows(len(bank), bank.shape[1])
+        step = max(1, CHUNK_ELEMENTS // rows)
         best = torch.full((len(query),), torch.inf, dtype=dtype, device=query.device)
         index = torch.zeros(len(query), dtype=torch.long, device=query.device)
         for start in range(0, len(bank), rows):
             block = bank[start : start + rows].to(dtype)
             block_sq = block.pow(2).sum(1)
+            pad = -len(block) % BLOCK_ALIGN
+            if pad:  # zero rows at an infinite distance: never the nearest, but an aligned product
+                block = F.pad(block, (0, 0, 0, pad))
+                block_sq = F.pad(block_sq, (0, pad), value=torch.inf)
             for q, b, i in zip(query.split(step), best.split(step), index.split(step), strict=True):
-                value, at = (q @ block.T).mul_(-2).add_(block_sq).min(1)
+                value, at = torch.addmm(block_sq, q, block.T, alpha=-2).min(1)
                 closer = value < b  # strictly: a tie keeps the earlier row, as `argmin` does
                 b[closer], i[closer] = value[closer], at[closer] + start
     return (query - bank[index].to(dtype)).norm(dim=1), index
+
+
+def _block_rows(n: int, width: int) -> int:
+    """Rows per bank block of `nearest_distance`: at most `SQUARES_ELEMENTS` values (but at least
+    `BLOCK_ALIGN` rows), the bank split into blocks of equal size, rounded up to `BLOCK_ALIGN`."""
+    most = max(BLOCK_ALIGN, SQUARES_ELEMENTS // max(1, width) // BLOCK_ALIGN * BLOCK_ALIGN)
+    blocks = max(1, math.ceil(n / most))
+    return math.ceil(math.ceil(n / blocks) / BLOCK_ALIGN) * BLOCK_ALIGN
 
 
 def orientation_votes(x: torch.Tensor, bins: int = ORIENTATIONS) -> torch.Tensor:
@@ -111,9 +127,14 @@ def orientation_votes(x: torch.Tensor, bins: int = ORIENTATIONS) -> torch.Tensor
     rows = F.pad(x[:, :, 2:] - x[:, :, :-2], (0, 0, 1, 1))
     cols = F.pad(x[..., 2:] - x[..., :-2], (1, 1))
     magnitude = (rows * rows + cols * cols).sqrt()  # not torch.hypot: ONNX has no such operator
-    if x.shape[1] > 1:
-        strongest = magnitude.argmax(1, keepdim=True)
-        rows, cols, magnitude = (t.gather(1, strongest) for t in (rows, cols, magnitude))
+    # The strongest channel by comparisons, the first one on a tie as `argmax` (and scikit-image):
+    # an argmax over the channel dimension took 5 % of an inference batch (docs/speed.md).
+    strongest = (rows[:, :1], cols[:, :1], magnitude[:, :1])
+    for c in range(1, x.shape[1]):
+        stronger = magnitude[:, c : c + 1] > strongest[2]
+        candidate = (rows[:, c : c + 1], cols[:, c : c + 1], magnitude[:, c : c + 1])
+        strongest = tuple(torch.where(stronger, a, b) for a, b in zip(candidate, strongest, strict=True))
+    rows, cols, magnitude = strongest
     angle = torch.remainder(torch.rad2deg(torch.atan2(rows, cols)), 180)[:, 0]
     which = torch.floor(angle * (bins / 180)).clamp(max=bins - 1).long()
     return F.one_hot(which, bins).permute(0, 3, 1, 2).to(x.dtype) * magnitude
