@@ -103,7 +103,7 @@ def measure(model_name: str, size: int, batch: int, steps: int, device: torch.de
     cal_s = time.perf_counter()
     calibration = calibrate(model, cfg, normal, normal[:batch], device, cheap_maps(cfg))
     cal_s = time.perf_counter() - cal_s
-    maker = MapMaker(model, cfg, calibration, device, maps=(cfg.anomaly_map,), attention=False)
+    maker = MapMaker(model, cfg, calibration, device, (cfg.anomaly_map,), attention=False, outputs=False)
     infer_flops = _flops(lambda: maker(x)) / batch
     infer_s = _timed(lambda: maker(x), steps, device)
     # One inference pass over the calibration's training images, every map calibration fits.

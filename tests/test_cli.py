@@ -281,6 +281,30 @@ def test_python_api_predicts_on_paths_pil_and_arrays(data: Path, tmp_path: Path)
         predictor.predict(np.full((8, 8), 3.0))
 
 
+def test_predictor_without_extras_stops_at_the_encoder_and_changes_nothing(tiny_run: Path) -> None:
+    """`cavga predict` writes neither the reconstruction nor the attention, so its predictor
+    (`extras=False`) computes neither: with the default map the decoder never runs, and the maps and
+    scores are the full predictor's."""
+    import numpy as np
+
+    from cavga import load_run
+
+    full, lean = load_run(tiny_run, device="cpu"), load_run(tiny_run, device="cpu", extras=False)
+    decoded = {"full": 0, "lean": 0}
+    for key, predictor in (("full", full), ("lean", lean)):
+        predictor.model.decoder.register_forward_hook(
+            lambda *_, key=key: decoded.__setitem__(key, decoded[key] + 1)
+        )
+    shape = (40, 48) if full.channels == 1 else (40, 48, 3)
+    images = [np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8) for i in range(5)]
+    for p, q in zip(full.predict_batch(images), lean.predict_batch(images), strict=True):
+        assert q.score == pytest.approx(p.score, rel=1e-6)
+        np.testing.assert_allclose(q.anomaly_map, p.anomaly_map, atol=1e-6)
+        assert p.reconstruction is not None and p.attention is not None
+        assert q.reconstruction is None and q.attention is None
+    assert decoded["full"] > 0 and decoded["lean"] == 0
+
+
 @pytest.mark.parametrize(
     "model", [n for n, s in MODELS.items() if s.setting != "weakly-supervised" and s.family != "ablation"]
 )

@@ -124,7 +124,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cavga.api import load_run
     from cavga.engine.predict import predict_files
 
-    predictor = load_run(args.run, args.device, args.anomaly_map)
+    # Neither the reconstruction nor the attention is written, so neither is computed.
+    predictor = load_run(args.run, args.device, args.anomaly_map, extras=False)
     run = Path(args.run)
     out = args.out or str((run.parent if run.suffix.lower() == ".onnx" else run) / "predictions")
     csv_path, failed = predict_files(

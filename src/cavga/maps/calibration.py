@@ -32,15 +32,15 @@ TRIM_EVERY = 4
 CALIBRATED = tuple(n for n, s in MAPS.items() if s.calibrated)
 
 
-def needed_maps(model: CAVGA, maps: tuple[str, ...] | None) -> tuple[str, ...]:
-    """The maps asked for (None: every map the model can make) plus those they are computed from."""
+def needed_maps(model: CAVGA, maps: tuple[str, ...] | None, own: bool = True) -> tuple[str, ...]:
+    """The maps asked for (None: every map the model can make) plus those they are computed from and,
+    with `own`, the model's own map and attention (which panels and the API show)."""
     names = available_maps(model)
     if maps is None:
         return names
-    want = set(maps) | {"paper"}  # panels and the API always show the model's own attention
-    own = MODELS[model.name].paper_map
-    if own in MAPS:
-        want.add(own)
+    want = set(maps)
+    if own:
+        want |= {"paper", MODELS[model.name].paper_map}
     for name in list(want):
         want.update(MAPS[name].after if name in MAPS else ())
     return tuple(n for n in names if n in want)
@@ -68,12 +68,23 @@ class MapMaker:
         device: torch.device,
         maps: tuple[str, ...] | None = None,
         attention: bool = True,
+        outputs: bool = True,
     ):
         self.model, self.cfg, self.cal, self.device = model, cfg, calibration, device
-        self.maps = needed_maps(model, maps)
         # Without `attention` the model's own map (`paper`) is skipped unless asked for: an exported
         # graph computes only the maps it returns.
         self.attention = attention or "paper" in (maps or ())
+        self.maps = needed_maps(model, maps, own=outputs or self.attention)
+        # Without `outputs` (the reconstruction, the paper's residual score and the model's own map,
+        # which `cavga predict` does not write) a model with no classifier whose maps read only
+        # encoder stages stops there: the decoder and the encoder's pass on the raw image were a
+        # quarter of a prediction batch.
+        self.lean = (
+            not outputs
+            and not self.attention
+            and model.classifier is None
+            and all(MAPS[n].features_only for n in self.maps)
+        )
         cal = calibration or {}
         # Runs calibrated before the maps package stored latent-stats' statistics under "stats".
         self.fitted = cal.get("fitted", {"latent-stats": cal["stats"]} if "stats" in cal else {})
@@ -82,10 +93,11 @@ class MapMaker:
     @torch.no_grad()
     def raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Uncalibrated maps (and `rawscore/<map>` where a map has its own score), plus `recon`
-        (B,C,H,W), `attention` (B,H,W), `residual_score` (B,) and, when fitted, `global_score` (B,)."""
+        (B,C,H,W) and `residual_score` (B,) unless the pass stopped at the encoder, `attention` (B,H,W)
+        with `attention`, and, when fitted, `global_score` (B,)."""
         self.model.eval()
         x = x.to(self.device)
-        out = forward(self.model, self.cfg, x)
+        out = forward(self.model, self.cfg, x, features_only=self.lean)
         ctx = MapContext(self.model, self.cfg, x, out, self.fitted, scales=self.scales)
         for name in sorted(self.maps, key=lambda n: bool(MAPS[n].after)):  # derived maps last
             spec = MAPS[name]
@@ -98,11 +110,10 @@ class MapMaker:
                 ctx.done[f"rawscore/{name}"] = score
         if self.attention:
             ctx.done["paper"], ctx.done["paper_score"] = MAPS["paper"].compute(ctx)
-        res = {
-            **ctx.done,
-            "recon": out.recon,
-            "residual_score": (x - out.recon).abs().flatten(1).mean(1),  # the paper's image score s_a
-        }
+        res = dict(ctx.done)
+        if out.recon is not None:
+            res["recon"] = out.recon
+            res["residual_score"] = (x - out.recon).abs().flatten(1).mean(1)  # the paper's image score s_a
         if out.class_logits is not None:
             res["class_probability"] = torch.softmax(out.class_logits, 1)[:, 1]
         if "image-memory" in self.fitted:
@@ -281,7 +292,7 @@ def _set_scales(
     computes only these maps and their parts: no attention, no other map)."""
     if not names:
         return
-    only = MapMaker(maker.model, maker.cfg, maker.cal, maker.device, tuple(names), attention=False)
+    only = MapMaker(maker.model, maker.cfg, maker.cal, maker.device, tuple(names), False, outputs=False)
     tails: dict[str, Tail] = {}
     for xb in trimming(batches(images, batch_size), TRIM_EVERY):
         res = only.raw(xb)

@@ -299,6 +299,7 @@ register_map(
         "features (PatchCore-like)",
         _memory,
         fitter=MemoryFitter,
+        features_only=True,
     )
 )
 register_map(
@@ -307,6 +308,7 @@ register_map(
         "|x − n| with n the nearest normal training image (both standardised); score: their distance",
         _nearest_image,
         fitter=NearestImageFitter,
+        features_only=True,
     )
 )
 

@@ -74,6 +74,9 @@ class MapSpec:
     calibrated: bool = True
     needs: Callable[[CAVGA], bool] | None = None  # None: every model can make it
     after: tuple[str, ...] = ()  # maps this one is computed from (computed first)
+    # Computed from the input and the encoder stages alone (no z, reconstruction or classifier), so
+    # a pass that needs nothing else can stop at the encoder (`MapMaker(outputs=False)`).
+    features_only: bool = False
 
 
 MAPS: dict[str, MapSpec] = {}

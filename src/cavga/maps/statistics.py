@@ -92,5 +92,6 @@ register_map(
         "Mahalanobis distance of each position's encoder features from normal statistics, fused over scales",
         _latent_stats,
         fitter=StatsFitter,
+        features_only=True,
     )
 )
