@@ -15,6 +15,7 @@ from cavga.config import TrainConfig
 from cavga.heap import release_free_memory
 from cavga.networks import CAVGA, ModelOutput
 from cavga.networks.anchor import standardize
+from cavga.networks.resnet import ResNetEncoder, stages_reading
 
 
 class ImageBatches(Protocol):
@@ -158,16 +159,21 @@ def forward(model: CAVGA, cfg: TrainConfig, x: torch.Tensor, features_only: bool
     stages the maps read come from each image standardised to zero mean and unit variance, so a
     brighter or darker part gives the same features; the reconstruction still sees `x`.
 
-    `features_only`: only the encoder stages are needed (fitting the normal states), so the latent
-    heads and the decoder are skipped, and with standardised input the encoder runs once instead of
-    twice; the other fields are None. Not when a map reads z (a "z" stage), which needs μ.
+    `features_only`: only the encoder stages the maps read are needed (fitting the normal states, or
+    predicting with a map of those stages), so the latent heads, the decoder and a ResNet's deeper
+    stages are skipped, and with standardised input the encoder runs once instead of twice; the
+    other fields are None. Not when a map reads z (a "z" stage), which needs μ.
 
     The model's extra encoders (`TrainConfig.feature_encoders`) see the same input as the stages, and
     theirs are concatenated to them (`with_extra_encoders`).
     """
     seen = standardize(x) if cfg.feature_input == "standardised" else x
-    if features_only and "z" not in (*cfg.stats_layers, *cfg.memory_layers):
-        feats = model.encoder(seen)
+    read = (*cfg.stats_layers, *cfg.memory_layers)
+    if features_only and "z" not in read:
+        if isinstance(model.encoder, ResNetEncoder):
+            feats = model.encoder(seen, stages_reading(read))
+        else:
+            feats = model.encoder(seen)
         out = ModelOutput(feats, feats[max(feats)], None, None, None, None, None)
     else:
         out = model(x, sample=False)
