@@ -178,7 +178,7 @@ def create_app(
     from fastapi.responses import HTMLResponse
     from starlette.concurrency import run_in_threadpool
 
-    predictor = load_run(run, device)
+    predictor = load_run(run, device, extras=False)  # answers carry neither reconstruction nor attention
     batcher = Batcher(predictor, max_batch, max_wait_ms)
     grey = predictor.channels == 1
     info = {
