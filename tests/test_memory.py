@@ -75,7 +75,7 @@ def test_bank_blocks_are_aligned_and_even():
     product's speed), split the bank evenly, and hold at most `SQUARES_ELEMENTS` values."""
     assert memory_module._block_rows(4000, 396) == 2000  # 2,647 rows fit, so two blocks of 2,000
     assert memory_module._block_rows(762, 1500) == 384  # 699 fit: two blocks of 381, rounded up
-    assert memory_module._block_rows(5, 396) == 16
+    assert memory_module._block_rows(5, 396) == memory_module._block_rows(0, 396) == 16
     for n, width in [(4000, 396), (762, 1500), (5, 396), (100_000, 7)]:
         rows = memory_module._block_rows(n, width)
         assert rows % memory_module.BLOCK_ALIGN == 0

@@ -117,7 +117,7 @@ def _block_rows(n: int, width: int) -> int:
     `BLOCK_ALIGN` rows), the bank split into blocks of equal size, rounded up to `BLOCK_ALIGN`."""
     most = max(BLOCK_ALIGN, SQUARES_ELEMENTS // max(1, width) // BLOCK_ALIGN * BLOCK_ALIGN)
     blocks = max(1, math.ceil(n / most))
-    return math.ceil(math.ceil(n / blocks) / BLOCK_ALIGN) * BLOCK_ALIGN
+    return max(1, math.ceil(math.ceil(n / blocks) / BLOCK_ALIGN)) * BLOCK_ALIGN
 
 
 def orientation_votes(x: torch.Tensor, bins: int = ORIENTATIONS) -> torch.Tensor:
