@@ -117,6 +117,36 @@ def test_memory_map_is_the_raw_patch_distance_to_the_nearest_training_patch(anch
     assert raw[0, 10:16, 10:16].mean() > 5 * raw[0, 24:, 24:].mean()
 
 
+def test_memory_position_makes_the_nearest_normal_patch_one_from_the_same_place():
+    """Normal images have a bright bar on their left side only. A test image with the bar on its right
+    matches the left bars' patches when position does not count (`memory_position` 0), and stands out
+    where it is when it does; the left bar itself stays normal either way."""
+    g = torch.Generator().manual_seed(0)
+
+    def images(n: int, left: bool) -> torch.Tensor:
+        x = 0.3 + 0.02 * torch.rand(n, 1, 32, 32, generator=g)
+        x[..., 4:28, (4 if left else 24) : (8 if left else 28)] = 0.9
+        return x
+
+    train, calib, test = images(8, True), images(4, True), torch.cat([images(1, False), images(1, True)])
+    peaks = {}
+    for weight in (0.0, 5.0):
+        cfg = make_config(
+            model="knn-patches",
+            image_size=32,
+            batch_size=4,
+            blur=0.0,
+            coreset_size=100_000,
+            memory_position=weight,
+        )
+        model = create_model("knn-patches", 32, 1)
+        cal = calibrate(model, cfg, train, calib, CPU)
+        assert ("position" in cal["fitted"]["memory"]) == bool(weight)
+        raw = MapMaker(model, cfg, cal, CPU, maps=("memory",)).raw(test)["memory"]
+        peaks[weight] = raw[0, 4:28, 24:28].mean() / raw[1, 4:28, 4:8].mean().clamp_min(1e-6)
+    assert peaks[0.0] < 3 and peaks[5.0] > 10 * peaks[0.0]
+
+
 def test_nearest_image_map_and_score(anchor):
     """The nearest-image score is the RMS distance of the standardised image to the nearest standardised
     training image (kept in half precision), and the map is their absolute difference; a training

@@ -63,6 +63,7 @@ def _train_args(args: argparse.Namespace) -> dict:
         "feature_input": args.feature_input,
         "gradient_histograms": None if args.gradient_histograms is None else args.gradient_histograms == "on",
         "memory_texture": args.memory_texture,
+        "memory_position": args.memory_position,
         "precision": args.precision,
         "pretrain_steps": args.pretrain_steps,
         "feature_encoders": args.feature_encoders,
@@ -445,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W",
         help="weight of the local texture statistics beside the encoder features in the memory map, "
         "relative to those features (default 1; 0: none; measured better on textures, see docs/method.md)",
+    )
+    t.add_argument(
+        "--memory-position",
+        type=float,
+        default=None,
+        metavar="W",
+        help="weight of each position's place in the image beside its features in the memory map, "
+        "relative to those features (default 0: a normal feature from anywhere; see docs/method.md)",
     )
     t.add_argument("--pretrain-steps", type=int, default=None, metavar="N", help=PRETRAIN_HELP)
     t.add_argument(

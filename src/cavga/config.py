@@ -74,6 +74,11 @@ class TrainConfig:
     # each cell's neighbourhood) beside the encoder features in the memory, relative to those
     # features' root total variance; 0: none (runs saved before it had none). See docs/method.md.
     memory_texture: float = 1.0
+    # Weight of each memory position's coordinates (row and column in [0, 1]) beside its features,
+    # relative to those features' root total variance: W > 0 makes the nearest normal feature one from
+    # near the same place (an encoder's features depend on where they are, through its padding); 0:
+    # anywhere. See docs/method.md.
+    memory_position: float = 0.0
     # Image score of the calibrated maps: "peak" (the map's maximum, or its own score) or "fused" (that
     # and the whole-image nearest-neighbour distance, standardised on held-out normal images, averaged)
     image_score: str = "fused"
@@ -131,8 +136,9 @@ class TrainConfig:
             raise CavgaError(f"image_score must be 'peak' or 'fused', not {d['image_score']!r}")
         if d.get("feature_input", "raw") not in ("raw", "standardised"):
             raise CavgaError(f"feature_input must be 'raw' or 'standardised', not {d['feature_input']!r}")
-        if not d.get("memory_texture", 0.0) >= 0:
-            raise CavgaError(f"memory_texture must be 0 or more, not {d['memory_texture']!r}")
+        for key in ("memory_texture", "memory_position"):
+            if not d.get(key, 0.0) >= 0:
+                raise CavgaError(f"{key} must be 0 or more, not {d[key]!r}")
         if not (isinstance(d.get("feature_encoders", 1), int) and d.get("feature_encoders", 1) >= 1):
             raise CavgaError(
                 f"feature_encoders must be a whole number of 1 or more, not {d['feature_encoders']!r}"

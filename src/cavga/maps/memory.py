@@ -45,6 +45,7 @@ ORIENTATIONS = 9  # unsigned orientation bins of the embedding's gradient histog
 HYS_CLIP = 0.2  # L2-Hys: each normalised block value is clipped here, then the block normalised again
 TEXTURE_EPS = 1e-3  # `local_texture`: added to the gradient energy of a cell (of a standardised image)
 TEXTURE_CHANNELS = ORIENTATIONS + 3  # `local_texture`: orientation shares, log energy, mean, spread
+POSITION_CHANNELS = 2  # `memory_input` with `memory_position`: each cell's row and column
 
 
 def greedy_coreset(features: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -199,28 +200,45 @@ def local_texture(x: torch.Tensor, grid: int, pool: int) -> torch.Tensor:
 
 def memory_input(x: torch.Tensor, out: ModelOutput, cfg: TrainConfig) -> torch.Tensor:
     """(B, D, h, w): `memory_features`, followed with `cfg.memory_texture` by the raw `local_texture`
-    block on the same grid (scaled by `scale_texture` with the fitted state)."""
+    block on the same grid and with `cfg.memory_position` by each cell's row and column in [0, 1]
+    (both scaled by `scale_extras` with the fitted state)."""
     f = memory_features(out, cfg)
-    if not cfg.memory_texture:
-        return f
-    return torch.cat([f, local_texture(x, f.shape[-1], cfg.memory_pool).to(f.dtype)], 1)
+    blocks = [f]
+    if cfg.memory_texture:
+        blocks.append(local_texture(x, f.shape[-1], cfg.memory_pool).to(f.dtype))
+    if cfg.memory_position:
+        B, _, h, w = f.shape
+        rows = torch.linspace(0, 1, h, dtype=f.dtype, device=f.device).view(1, 1, h, 1).expand(B, 1, h, w)
+        cols = torch.linspace(0, 1, w, dtype=f.dtype, device=f.device).view(1, 1, 1, w).expand(B, 1, h, w)
+        blocks += [rows, cols]
+    return torch.cat(blocks, 1) if len(blocks) > 1 else f
 
 
-def scale_texture(f: torch.Tensor, state: dict | None) -> torch.Tensor:
-    """Rows (N, D) of `memory_input` with the texture block (its last columns) standardised per channel
-    and scaled as fitted; unchanged without one."""
-    if not state:
+def scale_extras(f: torch.Tensor, state: dict) -> torch.Tensor:
+    """Rows (N, D) of `memory_input` with the position block (the last 2 columns) scaled and the
+    texture block (the columns before it) standardised per channel and scaled, as fitted; without
+    either, unchanged."""
+    texture, position = state.get("texture"), state.get("position")
+    if not texture and not position:
         return f
-    width = len(state["mean"])
-    texture = (f[:, -width:] - state["mean"].to(f)) / state["std"].to(f) * state["scale"]
-    return torch.cat([f[:, :-width], texture], 1)
+    blocks = []
+    if position:
+        blocks.append(f[:, -POSITION_CHANNELS:] * position["scale"])
+        f = f[:, :-POSITION_CHANNELS]
+    if texture:
+        width = len(texture["mean"])
+        blocks.append((f[:, -width:] - texture["mean"].to(f)) / texture["std"].to(f) * texture["scale"])
+        f = f[:, :-width]
+    return torch.cat([f, *reversed(blocks)], 1)
 
 
 class MemoryFitter(Fitter):
     """Up to `memory_candidates` training positions (an equal, seeded share per image), then the
     greedy coreset of `coreset_size` of them. With `memory_texture` the texture block is first
     standardised per channel over the candidates and scaled to `memory_texture` times the encoder
-    features' root total variance (so its weight does not depend on the encoder's scale)."""
+    features' root total variance (so its weight does not depend on the encoder's scale); with
+    `memory_position` the position block is scaled so that a move across the whole image weighs
+    `memory_position` times that root total variance per axis."""
 
     def __init__(self, model: CAVGA, cfg: TrainConfig, n_images: int):
         self.cfg, self.n_images = cfg, max(1, n_images)
@@ -238,27 +256,32 @@ class MemoryFitter(Fitter):
 
     def finish(self) -> dict:
         candidates = join(self.parts)
-        texture = None
-        if self.cfg.memory_texture:
-            width = TEXTURE_CHANNELS
-            block, features = candidates[:, -width:], candidates[:, :-width]
+        cfg, extras = self.cfg, {}
+        texture_width = TEXTURE_CHANNELS if cfg.memory_texture else 0
+        width = texture_width + (POSITION_CHANNELS if cfg.memory_position else 0)
+        if width:
+            features = candidates[:, : candidates.shape[1] - width]
             spread = float(features.var(0).sum().sqrt()) if len(candidates) > 1 else 1.0
-            texture = {
+        if texture_width:
+            block = candidates[:, features.shape[1] : features.shape[1] + texture_width]
+            extras["texture"] = {
                 "mean": block.mean(0),
-                "std": block.std(0) + 1e-6 if len(candidates) > 1 else torch.ones(width),
-                "scale": self.cfg.memory_texture * spread / math.sqrt(width),
+                "std": block.std(0) + 1e-6 if len(candidates) > 1 else torch.ones(texture_width),
+                "scale": cfg.memory_texture * spread / math.sqrt(texture_width),
             }
-            candidates = scale_texture(candidates, texture)
-        keep, radius = greedy_coreset(candidates, self.cfg.coreset_size, self.cfg.seed)
+        if cfg.memory_position:
+            extras["position"] = {"scale": cfg.memory_position * spread}
+        candidates = scale_extras(candidates, extras)
+        keep, radius = greedy_coreset(candidates, cfg.coreset_size, cfg.seed)
         state = {"bank": candidates[keep].contiguous(), "radius": radius, "n_candidates": len(candidates)}
-        return {**state, "texture": texture} if texture else state
+        return {**state, **extras}
 
 
 def _memory(ctx: MapContext) -> tuple[torch.Tensor, None]:
     f = memory_input(ctx.x, ctx.out, ctx.cfg)
     B, D, h, w = f.shape
     fitted = ctx.fitted["memory"]
-    rows = scale_texture(f.permute(0, 2, 3, 1).reshape(-1, D), fitted.get("texture"))
+    rows = scale_extras(f.permute(0, 2, 3, 1).reshape(-1, D), fitted)
     d, _ = nearest_distance(rows, fitted["bank"].to(f.device))
     return blur(upsample(d.view(B, h, w), ctx.size), ctx.cfg), None
 

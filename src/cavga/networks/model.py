@@ -365,6 +365,7 @@ ANCHOR = {
     "memory_pool": 1,
     "gradient_histograms": False,
     "memory_texture": 0.0,
+    "memory_position": 0.0,
 }
 register_model(
     "knn-pixels",
