@@ -6,8 +6,8 @@
 One run measures:
 - the machine's fp32 matrix-multiply rate (the best of several 2048 × 2048 products, all threads);
 - each model's FLOPs per image (`torch.utils.flop_counter`), for a training step (both players of the
-  adversarial game, the Grad-CAM of L_ae and its double backward) and for inference (the forward
-  pass at z = μ and the default map with its nearest-neighbour search);
+  adversarial game, the Grad-CAM of L_ae and its double backward) and for inference as `cavga
+  predict` runs it (the encoder stages the default map reads, and its nearest-neighbour search);
 - training and inference images/s, and the share of the machine's rate they reach;
 - calibration time against one inference pass over the same images;
 - the time `cavga test` spends on metrics for 200 images of 256 px (every map it reports).
