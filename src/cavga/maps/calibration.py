@@ -292,7 +292,8 @@ def _set_scales(
     computes only these maps and their parts: no attention, no other map)."""
     if not names:
         return
-    only = MapMaker(maker.model, maker.cfg, maker.cal, maker.device, tuple(names), False, outputs=False)
+    m = maker
+    only = MapMaker(m.model, m.cfg, m.cal, m.device, tuple(names), attention=False, outputs=False)
     tails: dict[str, Tail] = {}
     for xb in trimming(batches(images, batch_size), TRIM_EVERY):
         res = only.raw(xb)
